@@ -1,0 +1,154 @@
+"""`pm-tiles`: build, inspect and QC tile stores (`build`, `info`, `qc`, `manifest`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.schema.errors import TileStoreError
+from pipeline.schema.format import MAGNIFICATION_TO_MPP, REGIONS, SLIDES_GROUP
+
+MAGNIFICATIONS = [f"{m:g}" for m in MAGNIFICATION_TO_MPP]
+
+
+def _clean_errors(function):
+    """Turn expected errors (bad manifest, bad store, bad settings) into one-line CLI errors."""
+    import functools
+
+    from pipeline.manifest import ManifestError
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (ManifestError, TileStoreError, ValueError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+@click.group()
+def main() -> None:
+    """Whole-slide images → Zarr tile stores for Pixel-Mamba."""
+
+
+@main.command()
+@click.option("--manifest", "manifest", required=True, type=click.Path(dir_okay=False), help="Manifest CSV (data_manifests/<dataset>.csv).")
+@click.option("--magnification", required=True, type=click.Choice(MAGNIFICATIONS), help="Target magnification: 2.5, 5, 10 or 20 (= 4, 2, 1, 0.5 µm/px).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Tile store to create or resume, e.g. tiles/demo/mag5.zarr.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Local Dask worker processes; 0 runs in this process.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (overrides --workers).")
+@click.option("--codec", default="none", show_default=True, type=click.Choice(["none", "zstd", "jpeg"]),
+              help="Regions layout: none = raw and memory-mapped (fastest reads), zstd = lossless, jpeg = q90, ~6× smaller, for network sharing.")
+@click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="JPEG quality (codec jpeg; default 90).")
+@click.option("--zstd-level", default=None, type=click.IntRange(1, 22), help="zstd level (codec zstd; default 3).")
+@click.option("--min-foreground", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Least tissue fraction of a kept region.")
+@click.option("--region-size", default=224, show_default=True, type=click.IntRange(min=1), help="Region side R in px at the target magnification.")
+@click.option("--pen-filter/--no-pen-filter", default=False, show_default=True, help="Drop blue/green/black marker ink from the tissue mask.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@_clean_errors
+def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
+          region_size, pen_filter, progress) -> None:
+    """Tile every slide of MANIFEST into the store OUT (resumes; exit code 1 when any slide failed)."""
+    from pipeline.driver import build_store
+    from pipeline.tissue import TissueSettings
+
+    options = {}
+    if jpeg_quality is not None:
+        if codec != "jpeg":
+            raise click.UsageError("--jpeg-quality needs --codec jpeg")
+        options["quality"] = jpeg_quality
+    if zstd_level is not None:
+        if codec != "zstd":
+            raise click.UsageError("--zstd-level needs --codec zstd")
+        options["level"] = zstd_level
+    summary = build_store(
+        manifest, out, magnification=float(magnification), codec=codec, codec_options=options,
+        min_foreground=min_foreground, region_size=region_size, tissue=TissueSettings(pen_filter=pen_filter),
+        workers=workers, scheduler=scheduler, progress=progress,
+    )
+    click.echo(summary.format())
+    if not summary.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--verify", is_flag=True, help="Recompute every slide's checksums (reads all data).")
+@_clean_errors
+def info(store, verify) -> None:
+    """Describe the tile store STORE (path or URL): settings, counts, sizes, failures."""
+    from pipeline.schema.reader import open_store
+
+    opened = open_store(store)
+    attrs = opened.attrs
+    codec = dict(attrs.codec)
+    name = codec.pop("name")
+    codec.pop("zarr_codec", None)
+    settings = ", ".join(f"{k} {v}" for k, v in codec.items())
+    slides = opened.slides
+    n_regions = int(slides["n_regions"].sum()) if len(slides) else 0
+    lines = [
+        f"store          {opened.url}",
+        f"format         {attrs.format} {attrs.version} (pipeline {attrs.pipeline_version}, created {attrs.created})",
+        f"magnification  {attrs.magnification:g}× ({attrs.mpp:g} µm/px), regions {attrs.region_size}×{attrs.region_size} px, "
+        f"min foreground {attrs.min_foreground:g}",
+        f"codec          {name}" + (f" ({settings})" if settings else ""),
+        f"slides         {len(slides)} complete, {len(opened.failures)} failed; {n_regions} regions"
+        + (f" (min {int(slides['n_regions'].min())}, max {int(slides['n_regions'].max())} per slide)" if len(slides) else ""),
+    ]
+    if len(slides):
+        labels = slides["label"].fillna("(none)").value_counts().sort_index()
+        lines.append("labels         " + ", ".join(f"{k}: {v}" for k, v in labels.items()))
+    if opened.is_local:
+        root = Path(opened.url)
+        regions = sum(_disk_size(root / SLIDES_GROUP / slide_id / REGIONS) for slide_id in opened.slide_ids)
+        raw = n_regions * attrs.region_size * attrs.region_size * 3
+        ratio = f", {raw / regions:.2f}× smaller than raw" if raw and regions and name != "none" else ""
+        lines.append(f"size on disk   {_human(_disk_size(root))} (regions {_human(regions)}"
+                     + (f", {regions / n_regions / 1024:.1f} KiB per region" if n_regions else "") + f"{ratio})")
+    for row in opened.failures.itertuples():
+        lines.append(f"FAILED         {row.slide_id} ({row.source_path}): {row.reason}")
+    click.echo("\n".join(lines))
+    if verify:
+        for slide_id in opened.slide_ids:
+            opened.verify_slide(slide_id)
+        click.echo(f"verified       {len(opened.slide_ids)} slides: checksums match")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs (one per slide).")
+@click.option("--max-side", default=1000, show_default=True, type=click.IntRange(16, 1000), help="Longest side of a picture in px.")
+@_clean_errors
+def qc(store, out, max_side) -> None:
+    """One PNG per slide of STORE: thumbnail, tissue contour (green), kept regions (blue)."""
+    from pipeline.qc import QcSettings, write_qc
+
+    paths = write_qc(store, out, QcSettings(max_side=max_side))
+    click.echo(f"wrote {len(paths)} QC picture(s) to {out}")
+
+
+def _disk_size(path: Path) -> int:
+    """Bytes in the files under `path` (the writer's side: local stores only)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+# `pm-tiles manifest` lives with the manifest logic.
+from pipeline.manifest_cli import manifest_command  # noqa: E402
+
+main.add_command(manifest_command, "manifest")
+
+
+if __name__ == "__main__":
+    main()

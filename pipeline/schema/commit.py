@@ -1,0 +1,224 @@
+"""The per-slide commit protocol and the slide table (DESIGN.md §5).
+
+A slide's group is written under `slides/.tmp-<slide_id>-<uuid>`, then renamed to
+`slides/<slide_id>` in one `os.rename`; the driver alone then rewrites `slides.json`
+atomically (write aside, fsync, `os.replace`). `reconcile` repairs what a crash can
+leave between those steps. Everything here works on local paths only (writers);
+`parse_table` is shared with readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.schema.errors import SlideWriteError, TileStoreError
+from pipeline.schema.format import (
+    FORMAT_VERSION,
+    REGIONS,
+    SLIDE_TABLE,
+    SLIDES_GROUP,
+    TEMP_PREFIX,
+    FailureRecord,
+    SlideRecord,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlideTable:
+    """Contents of `slides.json`: complete slides and failures, keyed by slide id."""
+
+    slides: dict[str, SlideRecord] = field(default_factory=dict)
+    failures: dict[str, FailureRecord] = field(default_factory=dict)
+
+    def with_slide(self, record: SlideRecord) -> "SlideTable":
+        """A complete slide (re)placed; a former failure of the same id is dropped."""
+        failures = {k: v for k, v in self.failures.items() if k != record.slide_id}
+        return SlideTable(slides={**self.slides, record.slide_id: record}, failures=failures)
+
+    def with_failure(self, failure: FailureRecord) -> "SlideTable":
+        """A failed slide recorded; a stale complete entry of the same id is dropped (its
+        group was replaced or never finished, so the table must not claim it)."""
+        slides = {k: v for k, v in self.slides.items() if k != failure.slide_id}
+        return SlideTable(slides=slides, failures={**self.failures, failure.slide_id: failure})
+
+    def without(self, slide_ids: Iterable[str]) -> "SlideTable":
+        drop = set(slide_ids)
+        return SlideTable(
+            slides={k: v for k, v in self.slides.items() if k not in drop},
+            failures={k: v for k, v in self.failures.items() if k not in drop},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "slides": [self.slides[k].to_json() for k in sorted(self.slides)],
+            "failures": [self.failures[k].to_json() for k in sorted(self.failures)],
+        }
+
+
+def parse_table(data: bytes | str) -> SlideTable:
+    """Parse `slides.json` bytes; TileStoreError when it is not a slide table."""
+    try:
+        raw = json.loads(data)
+        slides = [SlideRecord.from_json(r) for r in raw["slides"]]
+        failures = [FailureRecord.from_json(r) for r in raw.get("failures", [])]
+    except (ValueError, KeyError, TypeError) as error:
+        raise TileStoreError(f"{SLIDE_TABLE} is not a valid slide table: {error}") from error
+    return SlideTable(slides={r.slide_id: r for r in slides}, failures={r.slide_id: r for r in failures})
+
+
+def read_table(store_path: str | os.PathLike) -> SlideTable:
+    """The slide table of a local store; an empty table when none was written yet."""
+    path = Path(store_path) / SLIDE_TABLE
+    if not path.exists():
+        return SlideTable()
+    return parse_table(path.read_bytes())
+
+
+def write_table(store_path: str | os.PathLike, table: SlideTable) -> None:
+    """Atomically replace `slides.json`: readers see the old table or the new one, never a mix."""
+    root = Path(store_path)
+    aside = root / f"{SLIDE_TABLE}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(aside, "w", encoding="utf-8") as handle:
+            json.dump(table.to_json(), handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(aside, root / SLIDE_TABLE)
+    finally:
+        if aside.exists():
+            aside.unlink()
+    _fsync_dir(root)
+
+
+def temp_group_name(slide_id: str) -> str:
+    """Name (under `slides/`) of a fresh temporary group for `slide_id`."""
+    return f"{TEMP_PREFIX}{slide_id}-{uuid.uuid4().hex}"
+
+
+def commit_group(store_path: str | os.PathLike, temp_name: str, slide_id: str) -> Path:
+    """Make `slides/<temp_name>` visible as `slides/<slide_id>` in one rename.
+
+    An existing group of that id (a slide being redone) is first renamed to a temporary
+    name, so a crash at any point leaves either group complete or a leftover that
+    `reconcile` removes. Returns the committed group's path.
+    """
+    slides = Path(store_path) / SLIDES_GROUP
+    source, target = slides / temp_name, slides / slide_id
+    if not source.is_dir():
+        raise SlideWriteError(f"cannot commit slide {slide_id!r}: temporary group {source} does not exist")
+    old = None
+    if target.exists():
+        old = slides / temp_group_name(slide_id)
+        os.rename(target, old)
+    os.rename(source, target)
+    _fsync_dir(slides)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def group_attributes(group_path: str | os.PathLike) -> dict[str, Any]:
+    """Attributes of a local zarr group (its `zarr.json`)."""
+    with open(Path(group_path) / "zarr.json", encoding="utf-8") as handle:
+        return json.load(handle).get("attributes", {})
+
+
+def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideRecord:
+    """Rebuild a slide's table row from its committed group's attributes."""
+    attrs = group_attributes(group_path)
+    n_regions = attrs.get("n_regions")
+    if n_regions is None:
+        with open(Path(group_path) / REGIONS / "zarr.json", encoding="utf-8") as handle:
+            n_regions = json.load(handle)["shape"][0]
+    return SlideRecord(
+        slide_id=slide_id,
+        n_regions=int(n_regions),
+        label=attrs.get("label"),
+        split=attrs.get("split"),
+        case_id=attrs.get("case_id"),
+        source_path=str(attrs["source_path"]),
+        fingerprint=str(attrs["fingerprint"]),
+        checksum=str(attrs["checksum"]),
+        mpp_source=str(attrs.get("mpp_source", "")),
+        grid_shape=tuple(int(v) for v in attrs.get("grid_shape", (0, 0))),
+        extra=dict(attrs.get("extra") or {}),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconcileReport:
+    """What `reconcile` changed: slide ids added/refreshed/dropped, temp names removed."""
+
+    added: tuple[str, ...] = ()
+    refreshed: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    removed_temps: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.refreshed or self.dropped or self.removed_temps)
+
+
+def reconcile(store_path: str | os.PathLike, *, remove_temps: bool = True) -> tuple[SlideTable, ReconcileReport]:
+    """Bring `slides.json` in line with the committed groups after a crash.
+
+    - a committed group missing from the table (crash between rename and table update)
+      is added, its record rebuilt from the group attributes; one whose checksum differs
+      from its table row (a redone slide) is refreshed;
+    - table rows whose group is missing are dropped;
+    - temporary leftovers `slides/.tmp-*` are removed (only while no writer runs).
+    Rewrites the table only when something changed. Returns (table, report).
+    """
+    root = Path(store_path)
+    slides_dir = root / SLIDES_GROUP
+    table = read_table(root)
+    added, refreshed, dropped, removed = [], [], [], []
+    present = set()
+    if slides_dir.is_dir():
+        for entry in sorted(slides_dir.iterdir()):
+            if not entry.is_dir():
+                continue
+            if entry.name.startswith(TEMP_PREFIX):
+                if remove_temps:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+                continue
+            try:
+                record = record_from_group(entry, entry.name)
+            except (OSError, ValueError, KeyError):
+                continue  # not a committed slide group (commit writes attributes before the rename)
+            present.add(entry.name)
+            known = table.slides.get(entry.name)
+            if known is None:
+                table, _ = table.with_slide(record), added.append(entry.name)
+            elif known.checksum != record.checksum:
+                table, _ = table.with_slide(record), refreshed.append(entry.name)
+    dropped = sorted(set(table.slides) - present)
+    table = SlideTable(slides={k: v for k, v in table.slides.items() if k in present}, failures=table.failures)
+    report = ReconcileReport(
+        added=tuple(added), refreshed=tuple(refreshed), dropped=tuple(dropped), removed_temps=tuple(removed)
+    )
+    if report.added or report.refreshed or report.dropped:
+        write_table(root, table)
+    return table, report
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,318 @@
+"""Creating a tile store and writing one slide group, streamed (DESIGN.md §5).
+
+`write_slide` writes the group under a temporary name, streams the regions straight
+into the one chunk file (codec `none`) or the one shard file (`zstd`/`jpeg`, encoded
+region by region with the shard index appended at the end, exactly as zarr's
+`sharding_indexed` codec lays it out), records checksums, then commits by rename.
+The slide table is not touched: the driver alone rewrites it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import google_crc32c
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from pipeline.schema.checksums import array_checksum, slide_checksum
+from pipeline.schema.codecs import region_array_kwargs, region_chunk_encoder, require_codec
+from pipeline.schema.commit import SlideTable, commit_group, temp_group_name, write_table
+from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
+from pipeline.schema.format import (
+    COORDS,
+    FOREGROUND,
+    ORIGIN,
+    REGIONS,
+    ROOT_ATTR_KEY,
+    SLIDE_TABLE,
+    SLIDES_GROUP,
+    StoreAttrs,
+)
+
+SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+_WRITE_BUFFER = 8 << 20
+_NO_CHUNK = np.uint64(2**64 - 1)
+
+
+def create_store(path: str | os.PathLike, attrs: StoreAttrs) -> StoreAttrs:
+    """Create a tile store at `path`, or open the existing one built with the same settings.
+
+    Writes the `slides` group and an empty slide table first and the root attributes
+    last, so a store without root attributes is one whose creation was interrupted.
+    Raises StoreMismatchError when a store with other settings is there, and
+    NotATileStoreError when `path` is a non-empty folder that is not a zarr store.
+    Returns the attributes in effect (the existing store's when it already exists).
+    """
+    root = Path(path)
+    require_codec(attrs.codec["name"])
+    if not attrs.created:
+        attrs = StoreAttrs.from_json({**attrs.to_json(), "created": _dt.datetime.now(_dt.UTC).isoformat()})
+    existing = _attrs_or_none(root)
+    if existing is not None:
+        if not existing.same_settings(attrs):
+            raise StoreMismatchError(
+                f"a tile store with different settings already exists at {root} "
+                f"(existing: {_settings_text(existing)}; requested: {_settings_text(attrs)}); "
+                "use another --out path or delete the old store"
+            )
+        return existing
+    # A zarr.json without root attributes is an interrupted creation: finish it.
+    if root.exists() and any(root.iterdir()) and not (root / "zarr.json").exists():
+        raise NotATileStoreError(f"{root} is a non-empty folder that is not a zarr store; refusing to write into it")
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(root / SLIDES_GROUP / "zarr.json", _group_metadata({}))
+    if not (root / SLIDE_TABLE).exists():
+        write_table(root, SlideTable())
+    _write_json_atomic(root / "zarr.json", _group_metadata({ROOT_ATTR_KEY: attrs.to_json()}))
+    return attrs
+
+
+def _attrs_or_none(root: Path) -> StoreAttrs | None:
+    try:
+        return read_store_attrs(root)
+    except NotATileStoreError:
+        return None
+
+
+def read_store_attrs(path: str | os.PathLike) -> StoreAttrs:
+    """Root attributes of a local store; NotATileStoreError when they are absent."""
+    meta_path = Path(path) / "zarr.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return StoreAttrs.from_json(meta["attributes"][ROOT_ATTR_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise NotATileStoreError(
+            f"{path} is not a tile store: no '{ROOT_ATTR_KEY}' root attributes "
+            "(it does not exist, or its creation was interrupted)"
+        ) from None
+
+
+def write_slide(
+    store_path: str | os.PathLike,
+    slide_id: str,
+    *,
+    regions: Iterable[np.ndarray],
+    n_regions: int,
+    coords: np.ndarray,
+    origin: np.ndarray,
+    foreground: np.ndarray,
+    attrs: dict[str, Any],
+) -> dict[str, Any]:
+    """Write and commit one slide group; the slide is never held in memory.
+
+    regions: iterable of `(R, R, 3) uint8` (or batches `(k, R, R, 3) uint8`), row-major
+        grid order, exactly `n_regions` regions in total;
+    coords: `(n, 2)` int (row, col); origin: `(n, 2)` int level-0 (x, y) px;
+    foreground: `(n,)` float tissue fraction; attrs: slide group attributes
+        (source_path, fingerprint, label, ..., `extra` for the manifest's other columns).
+    Adds `slide_id`, `n_regions`, `checksums` and `checksum` to the attributes.
+    Returns `{"checksum": str, "checksums": {array: sha256 hex}}`.
+    Raises SlideWriteError (nothing committed) when the stream has the wrong length or
+    a region the wrong shape/dtype.
+    """
+    if not SLIDE_ID_PATTERN.match(slide_id):
+        raise SlideWriteError(f"slide id {slide_id!r} is not allowed: use only letters, digits, '.', '_' and '-'")
+    root = Path(store_path)
+    store_attrs = read_store_attrs(root)
+    size = store_attrs.region_size
+    coords, origin, foreground = _check_small_arrays(slide_id, n_regions, coords, origin, foreground)
+    temp = temp_group_name(slide_id)
+    group_dir = root / SLIDES_GROUP / temp
+    try:
+        store = LocalStore(root)
+        base = f"{SLIDES_GROUP}/{temp}"
+        zarr.create_group(store=store, path=base)
+        for name, data in ((COORDS, coords), (ORIGIN, origin), (FOREGROUND, foreground)):
+            _write_small_array(store, f"{base}/{name}", data)
+        regions_array = zarr.create_array(
+            store=store, name=f"{base}/{REGIONS}",
+            **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
+        )
+        chunk_path = group_dir / REGIONS / regions_array.metadata.encode_chunk_key((0, 0, 0, 0))
+        stream = _iter_regions(slide_id, regions, size)
+        if store_attrs.codec["name"] == "none":
+            _stream_raw(slide_id, chunk_path, stream, n_regions)
+        else:
+            _stream_shard(slide_id, chunk_path, stream, n_regions, region_chunk_encoder(store_attrs.codec))
+        checksums = {name: _local_array_checksum(group_dir / name) for name in (REGIONS, COORDS, ORIGIN, FOREGROUND)}
+        checksum = slide_checksum(checksums)
+        group_attrs = {
+            **_jsonable(attrs), "slide_id": slide_id, "n_regions": int(n_regions),
+            "checksums": checksums, "checksum": checksum,
+        }
+        _write_json_atomic(group_dir / "zarr.json", _group_metadata(group_attrs))
+        commit_group(root, temp, slide_id)
+    except BaseException:
+        shutil.rmtree(group_dir, ignore_errors=True)
+        raise
+    return {"checksum": checksum, "checksums": checksums}
+
+
+def _check_small_arrays(
+    slide_id: str, n: int, coords: np.ndarray, origin: np.ndarray, foreground: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if n < 0:
+        raise SlideWriteError(f"slide {slide_id!r}: n_regions must be ≥ 0, got {n}")
+    checked = []
+    for name, data, shape, dtype in (
+        (COORDS, coords, (n, 2), np.int32), (ORIGIN, origin, (n, 2), np.int64), (FOREGROUND, foreground, (n,), np.float32),
+    ):
+        array = np.asarray(data)
+        if array.shape != shape:
+            raise SlideWriteError(f"slide {slide_id!r}: {name} has shape {array.shape}, expected {shape}")
+        if np.issubdtype(np.dtype(dtype), np.integer) and array.size:
+            info = np.iinfo(dtype)
+            if not np.issubdtype(array.dtype, np.integer) or array.min() < info.min or array.max() > info.max:
+                raise SlideWriteError(f"slide {slide_id!r}: {name} must hold integers that fit {np.dtype(dtype)}")
+        checked.append(np.ascontiguousarray(array, dtype=dtype))
+    return checked[0], checked[1], checked[2]
+
+
+def _write_small_array(store: LocalStore, name: str, data: np.ndarray) -> None:
+    chunks = (max(data.shape[0], 1), *data.shape[1:])
+    array = zarr.create_array(
+        store=store, name=name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+        compressors=None, filters=None, fill_value=0,
+    )
+    if data.size:
+        array[...] = data
+
+
+def _iter_regions(slide_id: str, regions: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Yield `(R, R, 3) uint8` C-contiguous regions, unpacking `(k, R, R, 3)` batches."""
+    for item in regions:
+        array = np.asarray(item)
+        if array.dtype != np.uint8:
+            raise SlideWriteError(f"slide {slide_id!r}: regions must be uint8, got {array.dtype}")
+        if array.shape == (size, size, 3):
+            yield np.ascontiguousarray(array)
+        elif array.ndim == 4 and array.shape[1:] == (size, size, 3):
+            for region in array:
+                yield np.ascontiguousarray(region)
+        else:
+            raise SlideWriteError(
+                f"slide {slide_id!r}: a region has shape {array.shape}, expected ({size}, {size}, 3) "
+                f"(the store's region size is {size})"
+            )
+
+
+def _count_error(slide_id: str, got: str, expected: int) -> SlideWriteError:
+    return SlideWriteError(f"slide {slide_id!r}: the region stream yielded {got} regions, expected n_regions={expected}")
+
+
+def _stream_raw(slide_id: str, chunk_path: Path, stream: Iterator[np.ndarray], n: int) -> None:
+    """Codec `none`: the chunk file is the raw C-order `(n, R, R, 3)` array."""
+    if n == 0:
+        for _ in stream:
+            raise _count_error(slide_id, "more than 0", 0)
+        return
+    chunk_path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(chunk_path, "wb", buffering=_WRITE_BUFFER) as handle:
+        for region in stream:
+            if count == n:
+                raise _count_error(slide_id, f"more than {n}", n)
+            handle.write(memoryview(region).cast("B"))
+            count += 1
+        if count != n:
+            raise _count_error(slide_id, str(count), n)
+        _sync(handle)
+
+
+def _stream_shard(slide_id: str, shard_path: Path, stream: Iterator[np.ndarray], n: int, encode) -> None:
+    """`zstd`/`jpeg`: one shard holding n inner chunks `(1, R, R, 3)`, then the index
+    (n × (offset, nbytes) little-endian uint64) and its crc32c, as zarr's sharding codec reads it."""
+    if n == 0:
+        for _ in stream:
+            raise _count_error(slide_id, "more than 0", 0)
+        return
+    shard_path.parent.mkdir(parents=True, exist_ok=True)
+    index = np.full((n, 2), _NO_CHUNK, dtype="<u8")
+    offset = count = 0
+    with open(shard_path, "wb", buffering=_WRITE_BUFFER) as handle:
+        for region in stream:
+            if count == n:
+                raise _count_error(slide_id, f"more than {n}", n)
+            data = encode(region)
+            handle.write(data)
+            index[count] = (offset, len(data))
+            offset += len(data)
+            count += 1
+        if count != n:
+            raise _count_error(slide_id, str(count), n)
+        index_bytes = index.tobytes()
+        handle.write(index_bytes)
+        handle.write(np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes())
+        _sync(handle)
+
+
+def _local_array_checksum(array_dir: Path) -> str:
+    metadata = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
+
+    def read(key: str):
+        path = array_dir / key
+        if not path.is_file():
+            return None
+        return path.stat().st_size, _file_blocks(path)
+
+    return array_checksum(metadata, read)
+
+
+def _file_blocks(path: Path, block: int = 4 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while data := handle.read(block):
+            yield data
+
+
+def _sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(aside, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, allow_nan=False)
+        _sync(handle)
+    os.replace(aside, path)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain-JSON copy of attribute values (numpy scalars/arrays, tuples, paths)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _settings_text(attrs: StoreAttrs) -> str:
+    return (
+        f"magnification {attrs.magnification:g}, region size {attrs.region_size}, "
+        f"min foreground {attrs.min_foreground:g}, codec {attrs.codec}, segmentation {attrs.segmentation}"
+    )
+
+
+__all__ = ["SLIDE_ID_PATTERN", "create_store", "read_store_attrs", "write_slide"]

@@ -1,0 +1,251 @@
+"""Tissue segmentation to shapely polygons in level-0 pixels, and GeoJSON in/out.
+
+The slide is read at about `TissueSettings.mpp` µm/px (4 by default; at a stored level
+up to `coarsest_mpp` when one is there, or coarser when the mask would exceed
+`max_side` pixels), then: HSV
+saturation → median blur → Otsu threshold with a floor → optional pen-ink removal →
+morphological closing → small objects removed and small holes filled → contours →
+polygons (holes kept), scaled to level-0 coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+import shapely
+from PIL import Image
+from scipy import ndimage
+from shapely.geometry import MultiPolygon, Polygon, mapping, shape
+from skimage import color, filters, measure, morphology
+
+from pipeline.slide import read_rgb
+
+BAND_PIXELS = 32 << 20  # level pixels read at once while building the mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class TissueSettings:
+    """Segmentation settings (recorded in the store's root attributes).
+
+    mpp: working resolution in µm/px; coarsest_mpp: a pyramid level between `mpp` and
+    this is used as it is (no finer level decoded); max_side: cap on the mask's longer side (px).
+    median_um: median-blur window (µm); saturation_floor: lowest threshold on
+    saturation in 0..255 (Otsu on a nearly blank slide would split noise);
+    closing_um: closing disk radius (µm); min_object_um2 / max_hole_um2: objects
+    smaller than this are dropped, holes smaller than this filled (µm²);
+    pen_filter: drop blue/green/black marker ink.
+    """
+
+    mpp: float = 4.0
+    coarsest_mpp: float = 8.0
+    max_side: int = 4096
+    median_um: float = 28.0
+    saturation_floor: float = 15.0
+    closing_um: float = 16.0
+    min_object_um2: float = 10_000.0
+    max_hole_um2: float = 4_000.0
+    pen_filter: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TissueMask:
+    """A binary mask and its scale: pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d).
+
+    mask: (h, w) bool; downsample: d, level-0 px per mask px; mpp: d · mpp0 in µm/px.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    mpp: float
+
+
+def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+    """The whole slide area-resized by `downsample` (level-0 px per output px): (h, w, 3) uint8.
+
+    Reads the coarsest level not coarser than `downsample`, one band of rows at a time
+    (memory stays near `BAND_PIXELS`), each band box-filtered to the output scale.
+    """
+    width0, height0 = slide.level_dimensions[0]
+    out_w, out_h = max(1, math.ceil(width0 / downsample)), max(1, math.ceil(height0 / downsample))
+    level = max(
+        (i for i, d in enumerate(slide.level_downsamples) if d <= downsample * 1.01),
+        key=lambda i: slide.level_downsamples[i],
+    )
+    level_ds = slide.level_downsamples[level]
+    factor = downsample / level_ds  # level px per output px
+    level_w = math.ceil(out_w * factor)
+    rows_per_band = max(1, int(BAND_PIXELS / (level_w * factor * factor) / 1))
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for r0 in range(0, out_h, rows_per_band):
+        r1 = min(out_h, r0 + rows_per_band)
+        ya, yb = math.floor(r0 * factor), math.ceil(r1 * factor)
+        band = read_rgb(slide, (0, round(ya * level_ds)), level, (level_w, yb - ya))
+        image = Image.fromarray(band)
+        box = (0.0, r0 * factor - ya, out_w * factor, r1 * factor - ya)
+        out[r0:r1] = np.asarray(image.resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))
+    return out
+
+
+def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:
+    """Marker ink that is not H&E: blue/cyan and green hues with some saturation, or near-black.
+
+    rgb: (h, w, 3) uint8 → (h, w) bool. H&E stains sit at pink-to-purple hues (≳ 0.72 or ≲ 0.1).
+    """
+    hsv = color.rgb2hsv(rgb)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    coloured = (sat > 0.2) & (hue > 0.2) & (hue < 0.7)
+    black = val < 0.2
+    return coloured | black
+
+
+def tissue_mask(slide: openslide.OpenSlide, mpp0: float, settings: TissueSettings) -> TissueMask:
+    """Binary tissue mask at about `settings.mpp` µm/px (see module docstring for the steps)."""
+    width0, height0 = slide.level_dimensions[0]
+    downsample = max(settings.mpp / mpp0, max(width0, height0) / settings.max_side, 1.0)
+    # A stored level a little coarser than asked is cheaper than decoding a finer one.
+    coarser = [d for d in slide.level_downsamples if downsample < d <= settings.coarsest_mpp / mpp0 * 1.01]
+    if coarser:
+        downsample = max(coarser)
+    rgb = read_overview(slide, downsample)
+    mask_mpp = downsample * mpp0
+    saturation = (color.rgb2hsv(rgb)[..., 1] * 255).astype(np.float32)
+    size = max(1, round(settings.median_um / mask_mpp)) | 1
+    saturation = ndimage.median_filter(saturation, size=size, mode="nearest")
+    if saturation.max() - saturation.min() < 1e-3:
+        threshold = settings.saturation_floor
+    else:
+        threshold = max(float(filters.threshold_otsu(saturation)), settings.saturation_floor)
+    mask = saturation > threshold
+    if settings.pen_filter:
+        mask &= ~ndimage.binary_dilation(pen_ink_mask(rgb), iterations=2)
+    radius = round(settings.closing_um / mask_mpp)
+    if radius >= 1:
+        # Pad so that closing does not erode tissue touching the border.
+        padded = np.pad(mask, radius, mode="edge")
+        mask = ndimage.binary_closing(padded, structure=morphology.disk(radius))[radius:-radius, radius:-radius]
+    px_area = mask_mpp * mask_mpp
+    min_object = round(settings.min_object_um2 / px_area)
+    max_hole = round(settings.max_hole_um2 / px_area)
+    mask = _drop_small_components(mask, min_object)
+    # The padding joins all background touching the border into one big component: not a hole.
+    background = np.pad(~mask, 1, constant_values=True)
+    mask = ~_drop_small_components(background, max_hole)[1:-1, 1:-1]
+    return TissueMask(mask=mask, downsample=downsample, mpp=mask_mpp)
+
+
+def _drop_small_components(mask: np.ndarray, max_pixels: int) -> np.ndarray:
+    """`mask` without its 8-connected components of at most `max_pixels` pixels."""
+    if max_pixels <= 0 or not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes > max_pixels
+    keep[0] = False
+    return keep[labels]
+
+
+def mask_to_polygons(mask: np.ndarray, downsample: float) -> MultiPolygon:
+    """Polygons (holes kept) tracing a binary mask, in level-0 px: `MultiPolygon`, possibly empty.
+
+    Contours run through pixel edges' midpoints (marching squares at 0.5); mask pixel j
+    spans level-0 [j·d, (j+1)·d), so a contour coordinate c maps to (c + 0.5)·d.
+    """
+    if not mask.any():
+        return MultiPolygon()
+    padded = np.pad(mask.astype(np.uint8), 1)
+    rings = []
+    for contour in measure.find_contours(padded, 0.5):
+        if len(contour) < 4:
+            continue
+        xy = (contour[:, ::-1] - 1 + 0.5) * downsample
+        ring = Polygon(xy)
+        if ring.area > 0:
+            rings.append(ring)
+    if not rings:
+        return MultiPolygon()
+    # Contours of a binary mask never cross, so nesting depth decides shell (even) vs hole (odd).
+    rings.sort(key=lambda p: p.area, reverse=True)
+    tree = shapely.STRtree(rings)
+    points = [ring.representative_point() for ring in rings]
+    depth = [0] * len(rings)
+    parent = [-1] * len(rings)
+    for i, point in enumerate(points):
+        containing = [j for j in tree.query(point, predicate="within") if j != i and rings[j].area > rings[i].area]
+        depth[i] = len(containing)
+        if containing:
+            parent[i] = min(containing, key=lambda j: rings[j].area)
+    holes: dict[int, list] = {}
+    for i in range(len(rings)):
+        if depth[i] % 2 == 1:
+            holes.setdefault(parent[i], []).append(rings[i].exterior.coords)
+    shells = [Polygon(rings[i].exterior.coords, holes.get(i, [])) for i in range(len(rings)) if depth[i] % 2 == 0]
+    geometry = shapely.make_valid(shapely.union_all([shapely.make_valid(s) for s in shells]))
+    return _as_multipolygon(geometry)
+
+
+def _as_multipolygon(geometry) -> MultiPolygon:
+    polygons = [g for g in shapely.get_parts(geometry) if isinstance(g, Polygon) and not g.is_empty]
+    polygons += [p for g in shapely.get_parts(geometry) if isinstance(g, MultiPolygon) for p in g.geoms]
+    return MultiPolygon(polygons)
+
+
+def segment_tissue(slide: openslide.OpenSlide, mpp0: float, settings: TissueSettings) -> MultiPolygon:
+    """Tissue polygons of a slide in level-0 pixel coordinates (empty when there is no tissue).
+
+    mpp0: level-0 µm/px (from `pipeline.slide.resolve_mpp`).
+    """
+    found = tissue_mask(slide, mpp0, settings)
+    return mask_to_polygons(found.mask, found.downsample)
+
+
+def tissue_to_geojson(geometry) -> dict[str, Any]:
+    """GeoJSON FeatureCollection in level-0 px, one QuPath-style 'Tissue' annotation per polygon."""
+    features = [
+        {
+            "type": "Feature",
+            "geometry": mapping(polygon),
+            "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
+        }
+        for polygon in _as_multipolygon(geometry).geoms
+    ]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def geojson_to_tissue(data: Any) -> MultiPolygon:
+    """Polygons from GeoJSON (FeatureCollection, Feature, a list of features as QuPath exports,
+    or a bare geometry), level-0 px; non-polygon features are ignored; overlaps are unioned."""
+    if isinstance(data, list):
+        features = data
+    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features", [])
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, dict) and "type" in data:
+        features = [{"type": "Feature", "geometry": data}]
+    else:
+        raise ValueError("not GeoJSON: expected a FeatureCollection, a Feature, a list of features or a geometry")
+    geometries = []
+    for feature in features:
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        if geometry and geometry.get("type") in ("Polygon", "MultiPolygon"):
+            geometries.append(shapely.make_valid(shape(geometry)))
+    return _as_multipolygon(shapely.union_all(geometries)) if geometries else MultiPolygon()
+
+
+def load_tissue_geojson(path: str | Path) -> MultiPolygon:
+    """Tissue polygons (level-0 px) from a GeoJSON file, e.g. exported from QuPath."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return geojson_to_tissue(data)
+    except (OSError, json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"cannot read tissue GeoJSON {path}: {error}") from error

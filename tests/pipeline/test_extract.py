@@ -1,0 +1,115 @@
+"""Region extraction: exact block means on synthetic slides, the resize path, the real slide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import box
+from synthetic import block_mean, write_synthetic_slide
+
+from pipeline.extract import iter_regions
+from pipeline.grid import choose_level, region_grid
+from pipeline.slide import open_slide, read_rgb, resolve_mpp
+from pipeline.tissue import TissueSettings, segment_tissue
+
+R = 224
+SIZE = 1792
+
+
+def numpy_block_mean(pixels: np.ndarray, k: int) -> np.ndarray:
+    """Independent reference: float mean over k×k blocks, rounded half up."""
+    h, w = pixels.shape[0] // k, pixels.shape[1] // k
+    mean = pixels[: h * k, : w * k].reshape(h, k, w, k, 3).astype(np.float64).mean(axis=(1, 3))
+    return np.floor(mean + 0.5).astype(np.uint8)
+
+
+def _extract(path, target_mpp, tissue=None, **kwargs):
+    slide = open_slide(path)
+    mpp0, _ = resolve_mpp(slide, None)
+    width, height = slide.level_dimensions[0]
+    grid = region_grid(width, height, mpp0, target_mpp, R, tissue or box(0, 0, width, height), 0.5)
+    level, factor = choose_level(slide.level_downsamples, target_mpp / mpp0)
+    regions = list(iter_regions(slide, grid, level, R, resize_factor=factor, **kwargs))
+    return grid, level, factor, regions
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ext") / "pyr.tif"
+    image = write_synthetic_slide(path, width=SIZE, height=SIZE, mpp=0.5, levels=(1, 2, 4), tissue_rects=[(0, 0, SIZE, SIZE)])
+    return path, image
+
+
+@pytest.mark.parametrize(("target_mpp", "level", "n"), [(1.0, 1, 16), (2.0, 2, 4)])
+def test_exact_levels_give_the_level_pixels(pyramid, target_mpp, level, n):
+    path, image = pyramid
+    grid, got_level, factor, regions = _extract(path, target_mpp)
+    assert (got_level, factor, len(regions)) == (level, 1.0, n)
+    level_image = block_mean(image, 2**level)  # what the TIFF stores at that level
+    for (row, col), region in zip(grid.coords, regions):
+        np.testing.assert_array_equal(region, level_image[row * R : (row + 1) * R, col * R : (col + 1) * R])
+
+
+def test_integer_resize_is_an_exact_block_mean(pyramid):
+    path, image = pyramid
+    grid, level, factor, regions = _extract(path, 4.0)  # 2.5×: level 2 (ds 4) then 2×2 block mean
+    assert (level, factor, len(regions)) == (2, 2.0, 1)
+    level2 = np.asarray(open_slide(path).read_region((0, 0), 2, (448, 448)))[..., :3]
+    np.testing.assert_array_equal(regions[0], numpy_block_mean(level2, 2))
+
+
+def test_single_level_slide_block_mean_from_level0(tmp_path):
+    path = tmp_path / "flat.tif"
+    image = write_synthetic_slide(path, width=1000, height=900, mpp=0.5, levels=(1,), tissue_rects=[(0, 0, 1000, 900)])
+    grid, level, factor, regions = _extract(path, 2.0)
+    assert (level, factor, grid.grid_shape) == (0, 4.0, (1, 1))
+    np.testing.assert_array_equal(regions[0], numpy_block_mean(image[:896, :896], 4))
+
+
+def test_non_native_level_takes_the_resize_path(tmp_path):
+    path = tmp_path / "ds3.tif"
+    image = write_synthetic_slide(path, width=1800, height=1800, mpp=0.5, levels=(1, 3), tissue_rects=[(0, 0, 1800, 1800)])
+    grid, level, factor, regions = _extract(path, 2.0)
+    assert level == 1 and factor == pytest.approx(4 / 3) and len(regions) == 4
+    level1 = Image.fromarray(np.asarray(open_slide(path).read_region((0, 0), 1, (600, 600)))[..., :3])
+    span = 896 / 3
+    for (x, y), region in zip(grid.origin, regions):
+        reference = level1.resize((R, R), Image.Resampling.BOX, box=(x / 3, y / 3, x / 3 + span, y / 3 + span))
+        np.testing.assert_array_equal(region, np.asarray(reference))
+        truth = numpy_block_mean(image[y : y + 896, x : x + 896], 4)
+        assert np.abs(region.astype(int) - truth).mean() < 4
+
+
+def test_small_blocks_and_sparse_tissue_give_the_same_regions_in_row_major_order(pyramid):
+    path, _ = pyramid
+    tissue = box(0, 0, 448, SIZE).union(box(1344, 0, SIZE, 900)).union(box(0, 1344, SIZE, SIZE))
+    grid, _, _, big = _extract(path, 1.0, tissue=tissue)
+    _, _, _, small = _extract(path, 1.0, tissue=tissue, block_px=300, max_band_regions=3)
+    keys = grid.coords[:, 0] * 1000 + grid.coords[:, 1]
+    assert (np.diff(keys) > 0).all()
+    assert len(big) == len(small) == len(grid) > 4
+    for a, b in zip(big, small):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("target_mpp", "low", "high"), [(2.0, 1, 3), (1.0, 7, 11)])
+def test_real_slide_regions_match_independent_reads(real_slide_path, target_mpp, low, high):
+    slide = open_slide(real_slide_path)
+    mpp0, source = resolve_mpp(slide, None)
+    assert (mpp0, source) == (0.499, "slide")
+    tissue = segment_tissue(slide, mpp0, TissueSettings())
+    width, height = slide.level_dimensions[0]
+    grid = region_grid(width, height, mpp0, target_mpp, R, tissue, 0.5)
+    assert low <= len(grid) <= high
+    keys = grid.coords[:, 0] * 1000 + grid.coords[:, 1]
+    assert (np.diff(keys) > 0).all()
+    level, factor = choose_level(slide.level_downsamples, target_mpp / mpp0)
+    regions = list(iter_regions(slide, grid, level, R, resize_factor=factor))
+    side = int(np.ceil(grid.step))
+    for (x, y), region in zip(grid.origin, regions):
+        assert region.shape == (R, R, 3) and region.dtype == np.uint8
+        raw = Image.fromarray(read_rgb(slide, (x, y), 0, (side, side)))
+        reference = np.asarray(raw.resize((R, R), Image.Resampling.BOX, box=(0, 0, grid.step, grid.step)))
+        assert np.abs(region.astype(int) - reference).mean() < 2

@@ -1,0 +1,56 @@
+"""QC pictures: one PNG per slide, longest side ≤ 1000 px, contour and regions drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from synthetic import write_synthetic_slide
+
+from pipeline.driver import build_store
+from pipeline.qc import REGION_COLOUR, TISSUE_COLOUR, QcSettings, write_qc
+
+
+def _store(tmp_path, width, height, magnification=10):
+    rows = []
+    for i in range(2):
+        path = tmp_path / f"q{i}.tif"
+        write_synthetic_slide(path, width=width, height=height, mpp=0.5, levels=(1, 2, 4),
+                              tissue_rects=[(128, 128, width // 2, height // 2)])
+        rows.append(f"q{i},{path}\n")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,path\n" + "".join(rows))
+    out = tmp_path / "st.zarr"
+    assert build_store(manifest, out, magnification=magnification, region_size=32, workers=0, progress=False).ok
+    return out
+
+
+def test_one_png_per_slide_with_contour_and_regions(tmp_path):
+    store = _store(tmp_path, 1280, 640)
+    paths = write_qc(store, tmp_path / "qc")
+    assert sorted(p.name for p in paths) == ["q0.png", "q1.png"]
+    picture = np.asarray(Image.open(paths[0]).convert("RGB"))
+    assert picture.shape == (500, 1000, 3)  # 1280×640 scaled to a 1000 px longest side
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert TISSUE_COLOUR in colours and REGION_COLOUR in colours
+    assert (picture[-20:, -20:] == 255).all()  # background composited on white
+
+
+def test_small_slide_is_not_upscaled_and_missing_source_still_draws(tmp_path):
+    store = _store(tmp_path, 640, 512)
+    assert Image.open(write_qc(store, tmp_path / "qc")[0]).size == (640, 512)
+    (tmp_path / "q0.tif").unlink()
+    small = write_qc(store, tmp_path / "qc2", QcSettings(max_side=200))
+    assert all(max(Image.open(p).size) <= 200 for p in small)
+    picture = np.asarray(Image.open(small[0]).convert("RGB"))
+    assert REGION_COLOUR in {tuple(c) for c in picture.reshape(-1, 3)}
+
+
+@pytest.mark.slow
+def test_real_slide_qc(tmp_path, real_slide_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\ncmu,{real_slide_path}\n")
+    out = tmp_path / "st.zarr"
+    assert build_store(manifest, out, magnification=10, workers=0, progress=False).ok
+    (path,) = write_qc(out, tmp_path / "qc")
+    assert Image.open(path).size == (748, 1000)  # 2220×2967 level 0

@@ -1,0 +1,134 @@
+"""Store creation and streamed slide writing (all three region layouts)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from tile_store_helpers import REGION, smooth_regions, store_attrs, write_example_slide
+
+from pipeline.schema.commit import read_table
+from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
+from pipeline.store_writer import create_store, read_store_attrs, write_slide
+
+CODECS = ["none", "zstd", "jpeg"]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_written_slide_reads_back_through_plain_zarr(tmp_path, codec):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs(codec))
+    regions = smooth_regions(9)
+    result = write_example_slide(store, "slide_1", regions)
+    group = zarr.open_group(store, mode="r")["slides/slide_1"]
+    back = group["regions"][:]
+    if codec == "jpeg":
+        assert np.abs(back.astype(int) - regions).mean() < 4
+    else:
+        np.testing.assert_array_equal(back, regions)
+    assert group["coords"].dtype == np.int32 and group["origin"].dtype == np.int64
+    assert group["foreground"].dtype == np.float32 and group["foreground"].shape == (9,)
+    attrs = dict(group.attrs)
+    assert attrs["checksum"] == result["checksum"] and attrs["checksums"] == result["checksums"]
+    assert attrs["n_regions"] == 9 and attrs["extra"] == {"site": "x"}
+    assert set(result["checksums"]) == {"regions", "coords", "origin", "foreground"}
+    assert [p.name for p in (store / "slides").iterdir() if p.is_dir()] == ["slide_1"]  # no temp left
+
+
+def test_none_layout_chunk_file_is_the_raw_array(tmp_path):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("none"))
+    regions = smooth_regions(5)
+    write_example_slide(store, "a", regions)
+    chunk = store / "slides/a/regions/c/0/0/0/0"
+    assert chunk.read_bytes() == regions.tobytes()
+    meta = json.loads((store / "slides/a/regions/zarr.json").read_text())
+    assert meta["codecs"] == [{"name": "bytes"}]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [5, REGION, REGION, 3]
+
+
+def test_regions_may_arrive_in_batches_and_as_a_generator(tmp_path):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("zstd"))
+    regions = smooth_regions(7)
+    batches = (regions[i : i + 3] for i in range(0, 7, 3))
+    write_slide(store, "b", regions=batches, n_regions=7, coords=np.zeros((7, 2), int),
+                origin=np.zeros((7, 2), int), foreground=np.ones(7), attrs={"source_path": "x", "fingerprint": "f"})
+    np.testing.assert_array_equal(zarr.open_array(store / "slides/b/regions", mode="r")[:], regions)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("actual", [3, 5])
+def test_wrong_region_count_raises_and_commits_nothing(tmp_path, codec, actual):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs(codec))
+    with pytest.raises(SlideWriteError, match="expected n_regions=4"):
+        write_slide(store, "c", regions=iter(smooth_regions(actual)), n_regions=4, coords=np.zeros((4, 2), int),
+                    origin=np.zeros((4, 2), int), foreground=np.ones(4), attrs={"source_path": "x", "fingerprint": "f"})
+    assert not (store / "slides/c").exists()
+    assert not [p for p in (store / "slides").iterdir() if p.is_dir()]
+
+
+def test_bad_inputs_get_specific_errors(tmp_path):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("none"))
+    ok = dict(n_regions=1, coords=np.zeros((1, 2), int), origin=np.zeros((1, 2), int), foreground=np.ones(1),
+              attrs={"source_path": "x", "fingerprint": "f"})
+    with pytest.raises(SlideWriteError, match="not allowed"):
+        write_slide(store, "bad/id", regions=iter(smooth_regions(1)), **ok)
+    with pytest.raises(SlideWriteError, match=r"expected \(16, 16, 3\)"):
+        write_slide(store, "d", regions=iter([np.zeros((8, 8, 3), np.uint8)]), **ok)
+    with pytest.raises(SlideWriteError, match="uint8"):
+        write_slide(store, "d", regions=iter([np.zeros((16, 16, 3), np.float32)]), **ok)
+    with pytest.raises(SlideWriteError, match="coords has shape"):
+        write_slide(store, "d", regions=iter(smooth_regions(1)), **{**ok, "coords": np.zeros((2, 2), int)})
+
+
+def test_empty_slide_is_allowed(tmp_path):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("none"))
+    write_slide(store, "e", regions=iter([]), n_regions=0, coords=np.zeros((0, 2), int),
+                origin=np.zeros((0, 2), int), foreground=np.zeros(0), attrs={"source_path": "x", "fingerprint": "f"})
+    assert zarr.open_array(store / "slides/e/regions", mode="r").shape == (0, REGION, REGION, 3)
+
+
+def test_rewriting_a_slide_replaces_it(tmp_path):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("none"))
+    write_example_slide(store, "a", smooth_regions(3, seed=1))
+    second = smooth_regions(5, seed=2)
+    write_example_slide(store, "a", second)
+    assert (store / "slides/a/regions/c/0/0/0/0").read_bytes() == second.tobytes()
+    assert [p.name for p in (store / "slides").iterdir() if p.is_dir()] == ["a"]
+
+
+def test_create_store_is_idempotent_and_refuses_other_settings(tmp_path):
+    store = tmp_path / "s.zarr"
+    first = create_store(store, store_attrs("none"))
+    assert first.created and read_store_attrs(store) == first
+    assert create_store(store, store_attrs("none")) == first
+    assert read_table(store).slides == {}
+    with pytest.raises(StoreMismatchError, match="different settings"):
+        create_store(store, store_attrs("zstd"))
+    with pytest.raises(StoreMismatchError):
+        create_store(store, store_attrs("none", region_size=32))
+
+
+def test_create_store_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NotATileStoreError, match="not a zarr store"):
+        create_store(tmp_path, store_attrs("none"))
+    with pytest.raises(NotATileStoreError, match="creation was interrupted"):
+        read_store_attrs(tmp_path / "missing")
+
+
+def test_interrupted_creation_is_finished(tmp_path):
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    with pytest.raises(NotATileStoreError, match="creation was interrupted"):
+        read_store_attrs(store)
+    created = create_store(store, store_attrs("jpeg"))
+    assert read_store_attrs(store) == created and read_table(store).slides == {}

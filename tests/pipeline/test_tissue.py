@@ -1,0 +1,109 @@
+"""Tissue segmentation on synthetic slides, GeoJSON in and out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box
+from synthetic import write_synthetic_slide
+
+from pipeline.slide import open_slide
+from pipeline.tissue import (
+    TissueSettings,
+    load_tissue_geojson,
+    mask_to_polygons,
+    segment_tissue,
+    tissue_to_geojson,
+)
+
+MPP = 1.0  # 4 level-0 px per mask px at the default 4 µm/px
+
+
+def _segment(tmp_path, rects, **kwargs):
+    path = tmp_path / "s.tif"
+    write_synthetic_slide(path, width=1024, height=768, mpp=MPP, tissue_rects=rects, levels=(1, 4), **kwargs)
+    return segment_tissue(open_slide(path), MPP, TissueSettings())
+
+
+def test_rectangles_are_found_in_level0_coordinates(tmp_path):
+    rects = [(100, 120, 400, 300), (600, 400, 300, 280)]
+    tissue = _segment(tmp_path, rects)
+    assert len(tissue.geoms) == 2
+    truth = shapely.union_all([box(x, y, x + w, y + h) for x, y, w, h in rects])
+    # Boundaries are exact to about one mask pixel (4 level-0 px).
+    assert tissue.symmetric_difference(truth).area < 0.03 * truth.area
+    assert tissue.buffer(8).contains(truth) and truth.buffer(8).contains(tissue)
+
+
+def test_holes_are_kept_and_small_specks_dropped(tmp_path):
+    ring = [(100, 100, 600, 100), (100, 500, 600, 100), (100, 200, 100, 300), (600, 200, 100, 300)]
+    speck = [(900, 50, 40, 40)]  # 1600 µm² < min_object_um2
+    tissue = _segment(tmp_path, ring + speck)
+    assert len(tissue.geoms) == 1
+    polygon = tissue.geoms[0]
+    assert len(polygon.interiors) == 1
+    assert not tissue.contains(shapely.Point(400, 350))
+    assert tissue.contains(shapely.Point(150, 150))
+
+
+def test_blank_slide_has_no_tissue(tmp_path):
+    tissue = _segment(tmp_path, [])
+    assert tissue.is_empty
+
+
+def test_pen_filter_removes_green_marker(tmp_path):
+    path = tmp_path / "pen.tif"
+    write_synthetic_slide(path, width=1024, height=768, mpp=MPP, levels=(1, 4), tissue_rects=[(0, 0, 400, 768)])
+    green = tmp_path / "green.tif"
+    image = write_synthetic_slide(
+        green, width=1024, height=768, mpp=MPP, levels=(1, 4), tissue_rects=[(600, 100, 300, 500)],
+        colour=(40, 170, 60), textured=False,
+    )
+    assert image[300, 700].tolist() == [40, 170, 60]
+    slide = open_slide(green)
+    assert not segment_tissue(slide, MPP, TissueSettings()).is_empty
+    assert segment_tissue(slide, MPP, TissueSettings(pen_filter=True)).is_empty
+    kept = segment_tissue(open_slide(path), MPP, TissueSettings(pen_filter=True))
+    assert kept.area > 0.9 * 400 * 768
+
+
+def test_mask_to_polygons_scales_pixel_edges():
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 3:8] = True
+    polygons = mask_to_polygons(mask, 4.0)
+    # Marching squares cuts the corners by half a pixel; edges sit on pixel boundaries.
+    assert polygons.bounds == (12.0, 8.0, 32.0, 24.0)
+    assert abs(polygons.area - (20 * 16 - 4 * 0.5 * 2 * 2)) < 1e-9
+
+
+def test_geojson_round_trip_and_qupath_list(tmp_path):
+    geometry = MultiPolygon([Polygon([(0, 0), (100, 0), (100, 50), (0, 50)], [[(10, 10), (20, 10), (20, 20), (10, 20)]]), box(200, 0, 300, 80)])
+    data = tissue_to_geojson(geometry)
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == 2
+    assert data["features"][0]["properties"]["classification"]["name"] == "Tissue"
+    path = tmp_path / "t.geojson"
+    path.write_text(json.dumps(data))
+    assert load_tissue_geojson(path).equals(geometry)
+    path.write_text(json.dumps(data["features"]))  # QuPath's "export as array"
+    assert load_tissue_geojson(path).equals(geometry)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read tissue GeoJSON"):
+        load_tissue_geojson(path)
+
+
+def test_working_resolution_prefers_a_stored_level_and_respects_the_cap(tmp_path):
+    from pipeline.tissue import tissue_mask
+
+    path = tmp_path / "pyr.tif"
+    write_synthetic_slide(path, width=1024, height=1024, mpp=0.5, levels=(1, 4, 16), tissue_rects=[(0, 0, 512, 1024)])
+    slide = open_slide(path)
+    stored = tissue_mask(slide, 0.5, TissueSettings())  # levels at 0.5, 2, 8 µm/px: 8 is used as is
+    assert (stored.downsample, stored.mpp, stored.mask.shape) == (16, 8.0, (64, 64))
+    finer = tissue_mask(slide, 0.5, TissueSettings(coarsest_mpp=4.0))  # level 1 (2 µm/px) halved
+    assert (finer.downsample, finer.mask.shape) == (8.0, (128, 128))
+    capped = tissue_mask(slide, 0.5, TissueSettings(coarsest_mpp=4.0, max_side=50))
+    assert capped.mask.shape == (50, 50)
+    assert abs(capped.mask[:, :25].mean() - 1) < 0.1 and capped.mask[:, 27:].sum() == 0

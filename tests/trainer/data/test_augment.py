@@ -1,0 +1,120 @@
+"""DeiT-style augmentation ops: shapes, determinism under a seed, targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.data.augment import (
+    RAND_AUGMENT_OPS,
+    MixConfig,
+    RandAugmentConfig,
+    TrainAugmentConfig,
+    eval_transform,
+    mix_pair,
+    rand_augment,
+    random_erase,
+    random_resized_crop,
+    resize_centre_crop,
+    smooth_one_hot,
+    train_transform,
+)
+
+
+def picture(width: int = 60, height: int = 40, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 4 % 256, yy * 6 % 256, (xx + yy) * 3 % 256], axis=-1) + rng.integers(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_random_resized_crop_size_and_determinism():
+    image = picture()
+    a = random_resized_crop(image, 32, np.random.default_rng(1))
+    b = random_resized_crop(image, 32, np.random.default_rng(1))
+    c = random_resized_crop(image, 32, np.random.default_rng(2))
+    assert a.size == (32, 32) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+    # an impossible aspect range falls back to the clamped centre crop
+    fallback = random_resized_crop(image, 16, np.random.default_rng(0), scale=(1.0, 1.0), ratio=(4.0, 5.0))
+    expected = image.resize((16, 16), Image.Resampling.BICUBIC, box=(0, 12, 60, 27))  # 60×15: ratio 4, centred
+    assert np.array_equal(np.asarray(fallback), np.asarray(expected))
+
+
+def test_resize_centre_crop_matches_deit_eval():
+    image = picture(width=80, height=64)
+    out = resize_centre_crop(image, 56)  # shorter side → int(56 / 0.875) = 64: no resize needed
+    assert out.size == (56, 56)
+    assert np.array_equal(np.asarray(out), np.asarray(image.crop((12, 4, 68, 60))))
+    assert eval_transform(picture(30, 50), 24).shape == (24, 24, 3)
+
+
+@pytest.mark.parametrize("name", sorted(RAND_AUGMENT_OPS))
+def test_every_rand_augment_op_keeps_size_and_mode(name):
+    image = picture()
+    out = RAND_AUGMENT_OPS[name](image, 0.9, np.random.default_rng(0))
+    assert out.size == image.size and out.mode == "RGB"
+    if name not in ("AutoContrast", "Equalize"):  # the others always change this picture
+        assert not np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_rand_augment_is_seeded_and_can_be_identity():
+    image = picture()
+    config = RandAugmentConfig()
+    a = rand_augment(image, config, np.random.default_rng(5))
+    b = rand_augment(image, config, np.random.default_rng(5))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    never = RandAugmentConfig(prob=0.0)
+    assert np.array_equal(np.asarray(rand_augment(image, never, np.random.default_rng(5))), np.asarray(image))
+
+
+def test_random_erase_fills_one_rectangle_with_noise():
+    pixels = np.full((40, 40, 3), 7, np.uint8)
+    assert random_erase(pixels, np.random.default_rng(0), prob=0.0) is pixels
+    out = random_erase(pixels, np.random.default_rng(0), prob=1.0)
+    changed = np.any(out != pixels, axis=-1)
+    rows, cols = np.nonzero(changed)
+    assert rows.size > 0
+    box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert box.mean() > 0.95  # a filled rectangle (noise may hit 7 by chance)
+    assert 0.02 * 1600 * 0.8 <= box.size <= 1600 / 3 * 1.2
+    assert pixels.max() == 7  # input untouched
+
+
+def test_train_transform_output_and_seed():
+    image = picture(90, 70)
+    config = TrainAugmentConfig(erase_prob=1.0)
+    a = train_transform(image, 48, config, np.random.default_rng(3))
+    b = train_transform(image, 48, config, np.random.default_rng(3))
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8 and a.flags.c_contiguous
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, train_transform(image, 48, config, np.random.default_rng(4)))
+
+
+def test_smooth_one_hot():
+    target = smooth_one_hot(2, 4, 0.1)
+    assert target.dtype == np.float32 and target.sum() == pytest.approx(1.0)
+    assert target[2] == pytest.approx(0.925) and target[0] == pytest.approx(0.025)
+
+
+def test_mixup_and_cutmix_targets():
+    first = np.zeros((32, 32, 3), np.uint8)
+    second = np.full((32, 32, 3), 200, np.uint8)
+    mixup = MixConfig(cutmix_alpha=0.0)
+    image, target = mix_pair(first, second, 0, 1, 3, mixup, np.random.default_rng(0))
+    lam = 1.0 - image.mean() / 200.0
+    assert target.sum() == pytest.approx(1.0, abs=1e-6)
+    assert target[0] == pytest.approx(lam * 0.9 + 0.1 / 3, abs=0.01)
+    assert len(np.unique(image)) == 1  # a uniform blend
+    cutmix = MixConfig(mixup_alpha=0.0)
+    for seed in range(5):
+        image, target = mix_pair(first, second, 0, 1, 3, cutmix, np.random.default_rng(seed))
+        pasted = np.mean(image[..., 0] == 200)
+        assert target[1] == pytest.approx(pasted * 0.9 + 0.1 / 3, abs=1e-6)  # λ corrected to the box area
+        assert target.sum() == pytest.approx(1.0, abs=1e-6)
+    off = MixConfig(prob=0.0)
+    image, target = mix_pair(first, second, 2, 1, 3, off, np.random.default_rng(0))
+    assert np.array_equal(image, first) and np.allclose(target, smooth_one_hot(2, 3, 0.1))
+    with pytest.raises(ValueError, match="shapes"):
+        mix_pair(first, second[:16], 0, 1, 3, mixup, np.random.default_rng(0))

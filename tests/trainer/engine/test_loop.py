@@ -1,0 +1,141 @@
+"""The training loop on the real tiny model: exact resume, non-finite stop, hooks and schedules."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import pytest
+import torch
+from engine_data import ColourSlides
+
+from trainer.engine.checkpoint import load_checkpoint
+from trainer.engine.feed import SlideFeed
+from trainer.engine.loop import LoopConfig, NonFiniteLossError, Trainer
+from trainer.engine.optim import OptimConfig
+from trainer.engine.schedules import CosineSchedule
+from trainer.models import build_model
+from trainer.objectives.base import Objective, StepContext, TrainingPlan
+from trainer.objectives.supervised import SupervisedConfig, SupervisedObjective
+
+
+def make_trainer(out_dir, *, objective=None, init_seed=0, **loop) -> Trainer:
+    torch.manual_seed(init_seed)
+    if objective is None:
+        model = build_model("pixel_mamba_tiny", num_classes=2, region_size=16)
+        objective = SupervisedObjective(model, label_map={"a": 0, "b": 1}, config=SupervisedConfig())
+    settings = dict(epochs=2, accum_steps=2, tensorboard=False, progress=False, seed=0) | loop
+    return Trainer(
+        objective,
+        train=SlideFeed(ColourSlides(6), seed=0),
+        val=SlideFeed(ColourSlides(4, offset=100), shuffle=False),
+        optim_config=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.05),
+        loop_config=LoopConfig(**settings),
+        out_dir=out_dir,
+        device=torch.device("cpu"),
+    )
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path) -> None:
+    full = make_trainer(tmp_path / "full").fit()
+    assert [row["lr"] for row in full.history][:2] == [1e-6, 2e-3]  # warm-up, then the peak
+    assert len(full.history) == 6 and len(full.validations) == 2
+
+    first = make_trainer(tmp_path / "cut", max_steps=2).fit()  # stops mid-epoch (4 of 6 slides)
+    assert len(first.history) == 2
+    payload = load_checkpoint(first.last_checkpoint)
+    assert (payload["step"], payload["epoch"], payload["position"]) == (2, 0, 4)
+    resumed = make_trainer(tmp_path / "cut", init_seed=123).fit(resume=payload)
+
+    losses = [row["loss"] for row in first.history + resumed.history]
+    expected = [row["loss"] for row in full.history]
+    assert losses == pytest.approx(expected, abs=1e-6, rel=0)
+    assert len(set(round(v, 6) for v in expected)) > 1  # a real trajectory, not a constant
+    assert [v["accuracy"] for v in resumed.validations] == [v["accuracy"] for v in full.validations]
+    end_full = load_checkpoint(full.last_checkpoint)["model"]
+    end_resumed = load_checkpoint(resumed.last_checkpoint)["model"]
+    assert all(torch.allclose(end_full[k], end_resumed[k], atol=1e-6) for k in end_full)
+
+    with open(tmp_path / "cut" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows if r["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "cut" / "best.pt").exists() and (tmp_path / "cut" / "tensorboard").exists() is False
+
+
+class NaNOnSlide(SupervisedObjective):
+    """Supervised objective whose loss turns NaN on one slide."""
+
+    bad = "s3"
+
+    def forward(self, sample, *, step_ctx):
+        out = super().forward(sample, step_ctx=step_ctx)
+        if sample["slide_id"] == self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_non_finite_loss_stops_naming_step_and_slide(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model("pixel_mamba_tiny", num_classes=2, region_size=16)
+    objective = NaNOnSlide(model, label_map={"a": 0, "b": 1}, config=SupervisedConfig())
+    trainer = make_trainer(tmp_path, objective=objective, checkpoint_every=1)
+    order = trainer.train_source.indices(0).tolist()
+    bad_step = order.index(3) // 2
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit()
+    assert f"non-finite loss at optimizer step {bad_step}" in str(err.value) and "'s3'" in str(err.value)
+    if bad_step > 0:  # the last good state is what last.pt holds
+        assert load_checkpoint(tmp_path / "last.pt")["step"] == bad_step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class EMATeacherObjective(Objective):
+    """A DINO/LatentMIM-shaped objective: two forward passes, an EMA teacher, a momentum schedule."""
+
+    name = "ema_test"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = build_model("pixel_mamba_tiny", region_size=16)
+        self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.register_buffer("centre", torch.zeros(self.encoder.embed_dim))
+        self.seen: list[tuple[int, float, float]] = []
+        self.after: list[int] = []
+
+    def schedules(self, plan: TrainingPlan) -> dict[str, CosineSchedule]:
+        self.momentum = CosineSchedule(base=0.9, final=1.0, total_steps=plan.total_steps)
+        return {"ema_momentum": self.momentum}
+
+    def forward(self, sample, *, step_ctx: StepContext):
+        regions = sample["regions"]
+        student = self.encoder(regions, generator=step_ctx.generator).embedding
+        with torch.no_grad():
+            target = self.teacher(regions.flip(1)).embedding
+            self.centre.mul_(0.9).add_(0.1 * target)
+        self.seen.append((step_ctx.step, step_ctx.values["ema_momentum"], step_ctx.values["lr"]))
+        return {"loss": 1 - torch.cosine_similarity(student, target - self.centre, dim=0), "centre_norm": self.centre.norm()}
+
+    @torch.no_grad()
+    def on_after_step(self, step: int) -> None:
+        m = self.momentum(step)
+        for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
+            t.mul_(m).add_((1 - m) * s.detach())
+        self.after.append(step)
+
+
+def test_objective_hooks_schedules_and_teacher_state(tmp_path) -> None:
+    objective = EMATeacherObjective()
+    teacher_before = [p.clone() for p in objective.teacher.parameters()]
+    trainer = make_trainer(tmp_path, objective=objective, epochs=1, max_steps=2)
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in objective.teacher.parameters())
+    result = trainer.fit()
+    assert objective.after == [0, 1]
+    assert [s for s, _, _ in objective.seen] == [0, 0, 1, 1]
+    assert objective.seen[0][1] == pytest.approx(0.9) and objective.seen[2][1] > 0.9
+    assert "centre_norm" in result.history[0]
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, objective.teacher.parameters()))
+    payload = load_checkpoint(result.last_checkpoint)
+    assert payload["objective_name"] == "ema_test"
+    assert "centre" in payload["objective"] and any(k.startswith("teacher.") for k in payload["objective"])
+    assert not any(k.startswith("encoder.") for k in payload["objective"])

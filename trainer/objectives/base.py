@@ -1,0 +1,147 @@
+"""The objective interface: what the engine needs from supervised, LatentMIM and DINO alike.
+
+An objective is an `nn.Module` that owns the encoder being trained (`self.encoder`,
+a PixelMamba) and everything else the loss needs: heads, predictors, EMA teachers,
+centres. The engine (trainer.engine.loop) drives every objective the same way:
+
+    ctx = StepContext(step=s, epoch=e, position=p, micro_step=j, accum_steps=k,
+                      values={"lr": ..., "weight_decay": ..., **objective schedules at s},
+                      generator=<torch.Generator seeded from (seed, epoch, position, rank)>)
+    with autocast:
+        out = objective(sample, step_ctx=ctx)   # {"loss": scalar tensor, **scalar metrics}
+    backward(out["loss"] / group_size)          # one slide per micro-step; group_size <= accum_steps
+    ... after the group's last micro-step:
+    objective.on_before_optimizer_step(step)    # grads unscaled; e.g. freeze DINO's last layer in epoch 0
+    clip, optimizer.step()
+    objective.on_after_step(step)               # e.g. EMA teacher update with momentum schedule(step)
+    ... at each epoch's end (eval mode, no grad, every rank on its shard):
+    records = [objective.validation_step(sample, device=d) for sample in val_shard]
+    metrics = objective.validation_metrics(all ranks' records)
+
+One forward call handles one sample (one slide) and may run the encoder several
+times (DINO: 2 global + n local views; LatentMIM: context and target passes).
+Per-iteration schedules that belong to the objective (EMA momentum, teacher
+temperature) come from `schedules(plan)`; the engine evaluates them every step
+and passes the values in `step_ctx.values`, and the objective may keep the
+schedule objects to evaluate them in `on_after_step`. Everything in the
+objective's `state_dict` (teacher weights, DINO's centre buffer) is checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from trainer.engine.schedules import CosineSchedule
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingPlan:
+    """What an objective needs to build its schedules: lengths in optimizer steps."""
+
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepContext:
+    """Per micro-step information handed to `Objective.forward`.
+
+    step: the optimizer step this micro-step contributes to (0-based).
+    position: index of this sample within the rank's epoch shard.
+    values: schedule values at `step` ("lr", "weight_decay", plus the objective's own).
+    generator: CPU generator for the sample's randomness (views, masks, fusion
+        splits); seeded from (seed, epoch, position, rank) so a resumed run redraws
+        exactly the same numbers.
+    """
+
+    step: int
+    epoch: int
+    position: int
+    micro_step: int
+    accum_steps: int
+    device: torch.device
+    values: Mapping[str, float] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+
+class Objective(nn.Module):
+    """Base class of training objectives; subclasses implement `forward` (and, for
+    validation, `has_validation = True`, `validation_step` and `validation_metrics`).
+
+    Attributes subclasses set: `encoder` (the model whose weights become the
+    checkpoint's "model"), `name` (registry name), `default_best_metric`,
+    `best_mode` ("max"/"min"), `find_unused_parameters` (for DDP).
+    """
+
+    name: ClassVar[str] = "objective"
+    default_best_metric: str | None = None
+    best_mode: str = "max"
+    find_unused_parameters: ClassVar[bool] = False
+
+    encoder: nn.Module
+
+    def forward(self, sample: Mapping[str, Any], *, step_ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One sample → {"loss": scalar tensor with grad, **scalar metric tensors/floats}."""
+        raise NotImplementedError
+
+    def schedules(self, plan: TrainingPlan) -> dict[str, CosineSchedule]:
+        """Extra per-iteration schedules (e.g. {"ema_momentum": ..., "teacher_temp": ...})."""
+        return {}
+
+    def no_weight_decay_names(self) -> Iterable[str]:
+        """Parameter names (as in `self.named_parameters()`) that must not decay, beyond the defaults."""
+        return ()
+
+    def param_group_hints(self) -> dict[str, dict[str, float]]:
+        """Per-parameter-name overrides of a group's settings, e.g. {"head.weight": {"lr_scale": 10.0}}.
+
+        The engine puts each hinted parameter into its own AdamW group.
+        """
+        return {}
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """Called with unscaled gradients before clipping and `optimizer.step()`."""
+
+    def on_after_step(self, step: int) -> None:
+        """Called after `optimizer.step()` of optimizer step `step` (EMA teachers update here)."""
+
+    has_validation: ClassVar[bool] = False
+
+    def validation_step(self, sample: Mapping[str, Any], *, device: torch.device) -> dict[str, Any]:
+        """One validation sample → a plain, picklable record (e.g. label and class probabilities).
+
+        The engine calls it in eval mode under `torch.no_grad()` and autocast, on every
+        rank's shard of the validation set, gathers all records (de-duplicated by
+        "index") and hands them to `validation_metrics` on every rank.
+        """
+        raise NotImplementedError
+
+    def validation_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics over all validation records (e.g. qwk, balanced accuracy)."""
+        return {}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Plain-data entries for the checkpoint (e.g. {"label_map": ...})."""
+        return {}
+
+    def objective_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state to checkpoint beside the encoder: everything not under `encoder.`."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+    def load_objective_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `objective_state_dict` saved (strict)."""
+        missing, unexpected = self.load_state_dict(dict(state), strict=False)
+        missing = [k for k in missing if not k.startswith("encoder.")]
+        if missing or unexpected:
+            raise KeyError(f"objective state does not fit: missing {missing}, unexpected {list(unexpected)}")
+
+
+def move_sample(sample: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The sample with its tensors on `device` (non-blocking); other entries unchanged."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
