@@ -10,9 +10,11 @@ training time). Then, in one run, it times on a warm page cache:
 - `TileStoreDataset` on each codec, in process and through a DataLoader with 1 and 2 workers;
 - OpenSlide `read_region` of the same regions from the TIFFs (in process, 2 workers).
 
-Every sample's regions are copied into a fresh contiguous tensor (the "touch"),
-baseline included, so lazy paths are not flattered. Each method runs over the
-same shuffled slide order until it has read every slide or spent `--seconds`.
+Every sample's regions are copied into one reused contiguous buffer (the
+"touch"), baseline included, so lazy paths are not flattered. Each method runs
+over the same shuffled slide order until it has read every slide or spent its
+share of `--seconds`, in three rounds of rotated order; the best round counts
+(the machine is shared and noisy). torch runs one thread in the main process.
 
 Run: .venv/bin/python bench/loader.py [--slides 300] [--seconds 15] [--write-docs]
 """
@@ -38,7 +40,7 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.schema.codecs import codec_settings
+from pipeline.schema.codecs import codec_settings, decode_jpeg
 from pipeline.schema.commit import read_table, reconcile
 from pipeline.schema.format import SLIDE_TABLE, StoreAttrs
 from pipeline.schema.reader import open_store
@@ -53,7 +55,8 @@ MOSAIC_COLUMNS = 8
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     """slides: cohort size; regions per slide uniform in [min_regions, max_regions];
-    region_size: R px; seconds: time budget per method; out: cache folder."""
+    region_size: R px; seconds: time budget per method, split over `rounds` rotated rounds
+    (the best round counts); out: cache folder."""
 
     slides: int = 300
     min_regions: int = 4
@@ -62,6 +65,7 @@ class BenchConfig:
     pool: int = 256
     seed: int = 0
     seconds: float = 15.0
+    rounds: int = 3
     out: Path = ROOT / "bench" / "out" / "loader"
 
 
@@ -173,12 +177,20 @@ def build_tiffs(folder: Path, plan: list[tuple[str, np.ndarray]], pool: np.ndarr
 # --- what is timed --------------------------------------------------------------
 
 
-def touch(regions: torch.Tensor) -> int:
-    """Read every byte: copy into a fresh contiguous tensor; returns the region count."""
-    return int(regions.clone(memory_format=torch.contiguous_format).shape[0])
+class Toucher:
+    """Reads every byte of a sample: a copy into one reused contiguous buffer (as a pinned
+    staging buffer would be), so page faults of a fresh allocation do not dominate."""
+
+    def __init__(self, max_regions: int, size: int) -> None:
+        self.buffer = torch.empty((max_regions, size, size, 3), dtype=torch.uint8)
+
+    def __call__(self, regions: torch.Tensor) -> int:
+        n = int(regions.shape[0])
+        self.buffer[:n].copy_(regions)
+        return n
 
 
-def timed(method: str, samples: Iterable[torch.Tensor], seconds: float) -> Result:
+def timed(method: str, samples: Iterable[torch.Tensor], seconds: float, touch: Toucher) -> Result:
     """Touch samples until exhausted or `seconds` passed; the first sample (start-up) is not timed."""
     iterator = iter(samples)
     touch(next(iterator))
@@ -230,7 +242,23 @@ def reader_only(store: Path, order: list[str]) -> Iterator[torch.Tensor]:
     opened = open_store(store)
     for slide_id in order:
         opened.read_slide(slide_id)
-        yield torch.empty((1, 1, 1, 3), dtype=torch.uint8)
+        yield torch.empty((0, 1, 1, 3), dtype=torch.uint8)
+
+
+def raw_shard_decode(store: Path, plan: dict[str, int], order: list[str], size: int) -> Iterator[torch.Tensor]:
+    """The codec alone: read a slide's shard file, decode each region with imagecodecs (no zarr).
+
+    Shard layout (zarr sharding_indexed, index at the end): n × (offset, length) little-endian
+    uint64 pairs followed by a 4-byte crc32c.
+    """
+    for slide_id in order:
+        n = plan[slide_id]
+        data = (store / "slides" / slide_id / "regions" / "c" / "0" / "0" / "0" / "0").read_bytes()
+        index = np.frombuffer(data, dtype="<u8", count=2 * n, offset=len(data) - 16 * n - 4).reshape(n, 2)
+        regions = np.empty((n, size, size, 3), np.uint8)
+        for i, (offset, length) in enumerate(index.tolist()):
+            regions[i] = decode_jpeg(data[offset : offset + length], (size, size, 3))
+        yield torch.from_numpy(regions)
 
 
 class OpenSlideRegions(Dataset):
@@ -285,6 +313,7 @@ def run(config: BenchConfig) -> tuple[list[Result], dict[str, Any]]:
         ("TileStoreDataset zstd", lambda: through_dataset(datasets["zstd"], order)),
         ("TileStoreDataset zstd, 1 worker", lambda: through_loader(datasets["zstd"], order, 1)),
         ("TileStoreDataset zstd, 2 workers", lambda: through_loader(datasets["zstd"], order, 2)),
+        ("raw shard decode jpeg (no zarr)", lambda: raw_shard_decode(stores["jpeg"], counts, ids, size)),
         ("TileStoreDataset jpeg", lambda: through_dataset(datasets["jpeg"], order)),
         ("TileStoreDataset jpeg, 1 worker", lambda: through_loader(datasets["jpeg"], order, 1)),
         ("TileStoreDataset jpeg, 2 workers", lambda: through_loader(datasets["jpeg"], order, 2)),
@@ -294,11 +323,16 @@ def run(config: BenchConfig) -> tuple[list[Result], dict[str, Any]]:
         ("OpenSlide read_region (JPEG TIFF)", lambda: through_dataset(openslide_ds, order)),
         ("OpenSlide read_region, 2 workers", lambda: through_loader(openslide_ds, order, 2)),
     ]
-    results = []
-    for name, make in methods:
-        result = timed(name, make(), budget)
-        results.append(result)
-        print(f"{name:38s} {result.slides_per_s:9.1f} slides/s {result.regions_per_s:10.0f} regions/s", flush=True)
+    touch = Toucher(config.max_regions, size)
+    best: dict[str, Result] = {}
+    for round_ in range(config.rounds):  # rotated order: load spikes do not always hit the same method
+        for name, make in methods[round_:] + methods[:round_]:
+            result = timed(name, make(), budget / config.rounds, touch)
+            if name not in best or result.regions_per_s > best[name].regions_per_s:
+                best[name] = result
+            print(f"round {round_}  {name:38s} {result.slides_per_s:9.1f} slides/s {result.regions_per_s:10.0f} regions/s",
+                  flush=True)
+    results = [best[name] for name, _ in methods]
     sizes = {codec: _folder_bytes(path / "slides") for codec, path in stores.items()}
     sizes["tiff"] = sum(p.stat().st_size for p in tiffs)
     info = {"regions": sum(counts.values()), "sizes": sizes, "order": "shuffled"}
@@ -331,15 +365,17 @@ def table(results: list[Result]) -> str:
     baseline = results[0].regions_per_s
     lines = ["| method | slides/s | regions/s | vs baseline |", "| --- | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r.method} | {r.slides_per_s:.1f} | {r.regions_per_s:,.0f} | {r.regions_per_s / baseline:.2f}× |")
+        if r.regions:
+            lines.append(f"| {r.method} | {r.slides_per_s:.1f} | {r.regions_per_s:,.0f} | {r.regions_per_s / baseline:.2f}× |")
+        else:
+            lines.append(f"| {r.method} | {r.slides_per_s:.1f} | – | – |")
     return "\n".join(lines)
 
 
 def docs_section(results: list[Result], info: dict[str, Any], config: BenchConfig, command: str) -> str:
-    by_name = {r.method: r for r in results}
-    base = by_name["numpy memmap (baseline)"].regions_per_s
-    memmap = by_name["TileStoreDataset none (memmap)"].regions_per_s
-    jpeg_1 = by_name["TileStoreDataset jpeg, 1 worker"].regions_per_s
+    rate = {r.method: r.regions_per_s for r in results}
+    slides = {r.method: r.slides_per_s for r in results}
+    base = rate["numpy memmap (baseline)"]
     mib = {k: v / 2**20 for k, v in info["sizes"].items()}
     return "\n".join([
         "## Loader throughput",
@@ -350,22 +386,27 @@ def docs_section(results: list[Result], info: dict[str, Any], config: BenchConfi
         f"Cohort: {config.slides} synthetic slides, {config.min_regions}–{config.max_regions} regions each "
         f"({info['regions']:,} regions of {config.region_size}×{config.region_size} px cut from the real CMU-1 "
         f"slide), read in a shuffled order on a warm page cache; each method runs for at most "
-        f"{config.seconds:g} s. Stored bytes: none {mib['none']:.0f} MiB, zstd {mib['zstd']:.0f} MiB, "
-        f"jpeg q90 {mib['jpeg']:.0f} MiB, pyramidal JPEG TIFFs {mib['tiff']:.0f} MiB. Every sample is "
-        "copied into a fresh contiguous tensor (baseline too). Timings on a shared 2-core machine are noisy "
-        "(other jobs were running): read them as ±20 %.",
+        f"{config.seconds:g} s in {config.rounds} rotated rounds, best round reported. Stored bytes: "
+        f"none {mib['none']:.0f} MiB, zstd {mib['zstd']:.0f} MiB, jpeg q90 {mib['jpeg']:.0f} MiB, "
+        f"pyramidal JPEG TIFFs {mib['tiff']:.0f} MiB. Every sample is copied into a reused contiguous "
+        "buffer (baseline too). The machine is shared (other jobs were running on its 2 cores): "
+        "timings are noisy, read them as ±30 %.",
         "",
         table(results),
         "",
-        f"- Memory-mapped path vs plain numpy memmap: {base / memmap:.2f}× slower (target ≤ 1.5×).",
-        f"- JPEG path, 1 DataLoader worker: {jpeg_1:,.0f} regions/s (target ≥ 1,000 per worker).",
-        "- `reader read_slide only` is the per-slide cost of `open_store(...).read_slide` without the "
-        "regions (slide attributes + the small coords/origin/foreground arrays through zarr): the fixed "
-        "overhead that separates the dataset's memmap path from the baseline.",
-        "- `numpy memmap mode r` vs the baseline (mode c, copy-on-write) shows that the dataset's "
-        "copy-on-write re-mapping costs nothing measurable.",
-        "- With workers, a sample crosses to the main process through shared memory (one copy); with "
-        "2 cores, workers compete with the main process, so more workers do not scale here.",
+        f"- Memory-mapped path: {base / rate['TileStoreDataset none (memmap)']:.2f}× the baseline's time per "
+        "region (target ≤ 1.5×).",
+        f"- JPEG path, 1 DataLoader worker: {rate['TileStoreDataset jpeg, 1 worker']:,.0f} regions/s "
+        "(target ≥ 1,000 per worker); the codec alone (`raw shard decode`, imagecodecs on the shard's "
+        f"bytes, no zarr): {rate['raw shard decode jpeg (no zarr)']:,.0f} regions/s.",
+        f"- `reader read_slide only`: {slides['reader read_slide only (none)']:.0f} slides/s, i.e. "
+        f"{1e3 / slides['reader read_slide only (none)']:.1f} ms per slide for `open_store(...).read_slide` "
+        "without touching the regions (slide attributes + the coords/origin/foreground arrays through "
+        "zarr): the fixed per-slide cost on top of the baseline.",
+        f"- Read-only map (`mode r`) vs copy-on-write (`mode c`, the baseline and the dataset): "
+        f"{rate['numpy memmap mode r + from_numpy'] / base:.2f}× the rate.",
+        "- With workers, a sample crosses to the main process through shared memory (one copy); "
+        "workers and the main process share the 2 cores.",
         "",
     ])
 
@@ -390,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md 'Loader throughput'")
     args = parser.parse_args(argv)
     config = BenchConfig(slides=args.slides, seconds=args.seconds, out=BenchConfig.out / f"cohort{args.slides}")
+    torch.set_num_threads(1)
     results, info = run(config)
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]), *sys.argv[1:]])
     print()

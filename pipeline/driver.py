@@ -26,12 +26,13 @@ from pipeline.manifest import ManifestRow, load_manifest
 from pipeline.process import ProcessSettings, SlideResult, process_slide
 from pipeline.schema.codecs import codec_settings
 from pipeline.schema.commit import reconcile, temp_group_name, write_table
-from pipeline.schema.format import SLIDES_GROUP, FailureRecord, SlideRecord, StoreAttrs, mpp_for_magnification
 from pipeline.schema.errors import TileStoreError
+from pipeline.schema.format import SLIDES_GROUP, FailureRecord, SlideRecord, StoreAttrs, mpp_for_magnification
+from pipeline.slide import fingerprint, open_slide
 from pipeline.store_writer import create_store
-
-LOCK_FILE = ".build.lock"
 from pipeline.tissue import TissueSettings
+
+LOCK_FILE = ".build.lock"  # at the store root; held (flock) for a whole build
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,8 +76,6 @@ def slide_task(row: ManifestRow, store_path: str, settings: ProcessSettings, kno
 
 
 def _fingerprint_or_none(path: str) -> str | None:
-    from pipeline.slide import fingerprint, open_slide
-
     try:
         slide = open_slide(path)
     except Exception:  # noqa: BLE001 — process_slide reports the specific reason

@@ -63,8 +63,12 @@ def resize_footprint(block: np.ndarray, box: _Footprint, region_size: int, exact
     if _is_integer(factor) and _is_integer(box.x0) and _is_integer(box.y0):
         k, x, y = round(factor), round(box.x0), round(box.y0)
         return block_mean_uint8(block[y : y + k * size, x : x + k * size], k)
-    image = Image.fromarray(block)
-    resized = image.resize((size, size), Image.Resampling.BOX, box=(box.x0, box.y0, box.x1, box.y1))
+    # Hand PIL only the footprint's pixels: converting the whole block per region would copy it each time.
+    x, y = max(0, math.floor(box.x0)), max(0, math.floor(box.y0))
+    cut = np.ascontiguousarray(block[y : math.ceil(box.y1), x : math.ceil(box.x1)])
+    image = Image.fromarray(cut)
+    inner = (max(box.x0 - x, 0.0), max(box.y0 - y, 0.0), min(box.x1 - x, cut.shape[1]), min(box.y1 - y, cut.shape[0]))
+    resized = image.resize((size, size), Image.Resampling.BOX, box=inner)
     return np.asarray(resized)
 
 
@@ -91,7 +95,7 @@ def iter_regions(
     *,
     resize_factor: float | None = None,
     block_px: int = 4096,
-    max_band_regions: int = 2048,
+    max_band_regions: int = 512,
     max_gap: int = 2,
 ) -> Iterator[np.ndarray]:
     """Yield each region of `grid` as (R, R, 3) uint8 RGB (on white), in the grid's order.
@@ -100,7 +104,8 @@ def iter_regions(
     its factor, where 1.0 means the level is exact (no resize); None derives it from
     grid.step and the level's downsample. block_px bounds a read's side in level px;
     max_band_regions bounds how many finished regions a band holds before yielding them
-    (memory ≈ max_band_regions · R² · 3 bytes plus one block).
+    (memory ≈ max_band_regions · R² · 3 bytes, 77 MB at the defaults, plus one block of
+    block_px² · 7 bytes while it is read).
     """
     if len(grid) == 0:
         return

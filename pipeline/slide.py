@@ -112,7 +112,7 @@ def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return rgb  # a strided view: callers slice it, so a full copy here would be wasted
     a = alpha.astype(np.uint32)[..., None]
     out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)

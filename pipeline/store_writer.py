@@ -39,6 +39,7 @@ from pipeline.schema.format import (
 )
 
 SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+REQUIRED_SLIDE_ATTRS = ("source_path", "fingerprint")
 _WRITE_BUFFER = 8 << 20
 _NO_CHUNK = np.uint64(2**64 - 1)
 
@@ -116,11 +117,14 @@ def write_slide(
         (source_path, fingerprint, label, ..., `extra` for the manifest's other columns).
     Adds `slide_id`, `n_regions`, `checksums` and `checksum` to the attributes.
     Returns `{"checksum": str, "checksums": {array: sha256 hex}}`.
-    Raises SlideWriteError (nothing committed) when the stream has the wrong length or
-    a region the wrong shape/dtype.
+    Raises SlideWriteError (nothing committed) when the stream has the wrong length,
+    a region the wrong shape/dtype, or attrs lack source_path/fingerprint.
     """
     if not SLIDE_ID_PATTERN.match(slide_id):
         raise SlideWriteError(f"slide id {slide_id!r} is not allowed: use only letters, digits, '.', '_' and '-'")
+    missing = [key for key in REQUIRED_SLIDE_ATTRS if key not in attrs]
+    if missing:
+        raise SlideWriteError(f"slide {slide_id!r}: attrs lack {missing} (the slide table is rebuilt from them)")
     root = Path(store_path)
     store_attrs = read_store_attrs(root)
     size = store_attrs.region_size
@@ -146,7 +150,7 @@ def write_slide(
         checksums = {name: _local_array_checksum(group_dir / name) for name in (REGIONS, COORDS, ORIGIN, FOREGROUND)}
         checksum = slide_checksum(checksums)
         group_attrs = {
-            **_jsonable(attrs), "slide_id": slide_id, "n_regions": int(n_regions),
+            **attrs, "slide_id": slide_id, "n_regions": int(n_regions),
             "checksums": checksums, "checksum": checksum,
         }
         _write_json_atomic(group_dir / "zarr.json", _group_metadata(group_attrs))
@@ -284,11 +288,25 @@ def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # fast path: plain values, numpy scalars/arrays through `default`
+        text = json.dumps(data, allow_nan=False, separators=(",", ":"), default=_json_default)
+    except ValueError:  # a non-finite float somewhere: store it as null
+        text = json.dumps(_jsonable(data), allow_nan=False, separators=(",", ":"))
     aside = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(aside, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False)
+        handle.write(text)
         _sync(handle)
     os.replace(aside, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"attribute value {value!r} of type {type(value).__name__} is not JSON serialisable")
 
 
 def _jsonable(value: Any) -> Any:

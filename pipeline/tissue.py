@@ -95,6 +95,15 @@ def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     return out
 
 
+def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation scaled to 0..255: (h, w, 3) uint8 → (h, w) uint8, (max − min) / max."""
+    high = rgb.max(axis=2)
+    spread = high - rgb.min(axis=2)
+    out = np.zeros(high.shape, np.uint8)
+    np.floor_divide(spread.astype(np.uint16) * 255 + high // 2, high, out=out, where=high > 0, casting="unsafe")
+    return out
+
+
 def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:
     """Marker ink that is not H&E: blue/cyan and green hues with some saturation, or near-black.
 
@@ -117,13 +126,13 @@ def tissue_mask(slide: openslide.OpenSlide, mpp0: float, settings: TissueSetting
         downsample = max(coarser)
     rgb = read_overview(slide, downsample)
     mask_mpp = downsample * mpp0
-    saturation = (color.rgb2hsv(rgb)[..., 1] * 255).astype(np.float32)
-    size = max(1, round(settings.median_um / mask_mpp)) | 1
+    saturation = hsv_saturation(rgb)
+    size = 2 * round((max(settings.median_um / mask_mpp, 1.0) - 1) / 2) + 1  # nearest odd window
     saturation = ndimage.median_filter(saturation, size=size, mode="nearest")
     if saturation.max() - saturation.min() < 1e-3:
         threshold = settings.saturation_floor
     else:
-        threshold = max(float(filters.threshold_otsu(saturation)), settings.saturation_floor)
+        threshold = max(float(filters.threshold_otsu(saturation, nbins=256)), settings.saturation_floor)
     mask = saturation > threshold
     if settings.pen_filter:
         mask &= ~ndimage.binary_dilation(pen_ink_mask(rgb), iterations=2)

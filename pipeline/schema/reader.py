@@ -7,9 +7,11 @@ table `slides.json`, never a directory listing. For codec `none` on a local stor
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -57,7 +59,7 @@ class SlideArrays:
 
     regions: `(n, R, R, 3) uint8`, an `np.memmap` (codec none, local) or a lazy `zarr.Array`;
     coords: `(n, 2) int32` (row, col) on the grid; origin: `(n, 2) int64` level-0 (x, y) px;
-    foreground: `(n,) float32` tissue fraction; attrs: the slide group's attributes.
+    foreground: `(n,) float32` tissue fraction; attrs: the slide group's attributes (lazy).
     """
 
     slide_id: str
@@ -65,7 +67,12 @@ class SlideArrays:
     coords: np.ndarray
     origin: np.ndarray
     foreground: np.ndarray
-    attrs: dict[str, Any]
+    load_attrs: Callable[[], dict[str, Any]] = field(repr=False, compare=False)
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """The slide group's attributes, read on first use (the tissue GeoJSON can be large)."""
+        return self.load_attrs()
 
 
 def _is_local(url: str) -> bool:
@@ -181,18 +188,23 @@ class TileStore:
 
     def read_slide(self, slide_id: str) -> SlideArrays:
         """Arrays of one complete slide; regions stay lazy (memmap or zarr array)."""
-        attrs = self.slide_attrs(slide_id)
+        self._record(slide_id)
         base = f"{SLIDES_GROUP}/{slide_id}"
-        small = {
-            name: zarr.open_array(self._zarr_store, path=f"{base}/{name}", mode="r")[...]
-            for name in (COORDS, ORIGIN, FOREGROUND)
-        }
-        regions = self._memmap_regions(base) if self.is_local else None
-        if regions is None:
-            regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r")
+        try:
+            small = {
+                name: zarr.open_array(self._zarr_store, path=f"{base}/{name}", mode="r")[...]
+                for name in (COORDS, ORIGIN, FOREGROUND)
+            }
+            regions = self._memmap_regions(base) if self.is_local else None
+            if regions is None:
+                regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r")
+        except FileNotFoundError as error:
+            raise TileStoreError(
+                f"slide {slide_id!r} is in {SLIDE_TABLE} but its arrays are missing from {self.url} ({error})"
+            ) from None
         return SlideArrays(
             slide_id=slide_id, regions=regions, coords=small[COORDS], origin=small[ORIGIN],
-            foreground=small[FOREGROUND], attrs=attrs,
+            foreground=small[FOREGROUND], load_attrs=functools.partial(self.slide_attrs, slide_id),
         )
 
     def _memmap_regions(self, base: str) -> np.ndarray | None:

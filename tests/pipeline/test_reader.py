@@ -139,3 +139,15 @@ def test_reader_over_http(tmp_path, http_root, codec):
     remote.verify_slide("a")
     with pytest.raises(NotATileStoreError):
         open_store(f"{http_root}/missing.zarr")
+
+
+def test_slide_in_table_but_group_deleted(tmp_path):
+    import shutil
+
+    from pipeline.schema.errors import TileStoreError
+
+    path = make_store(tmp_path / "s.zarr", slides={"a": 1})
+    store = open_store(path)
+    shutil.rmtree(path / "slides" / "a")
+    with pytest.raises(TileStoreError, match="arrays are missing"):
+        store.read_slide("a")

@@ -82,6 +82,8 @@ def test_bad_inputs_get_specific_errors(tmp_path):
         write_slide(store, "d", regions=iter([np.zeros((8, 8, 3), np.uint8)]), **ok)
     with pytest.raises(SlideWriteError, match="uint8"):
         write_slide(store, "d", regions=iter([np.zeros((16, 16, 3), np.float32)]), **ok)
+    with pytest.raises(SlideWriteError, match=r"attrs lack \['fingerprint'\]"):
+        write_slide(store, "d", regions=iter(smooth_regions(1)), **{**ok, "attrs": {"source_path": "x"}})
     with pytest.raises(SlideWriteError, match="coords has shape"):
         write_slide(store, "d", regions=iter(smooth_regions(1)), **{**ok, "coords": np.zeros((2, 2), int)})
 

@@ -42,6 +42,11 @@ class RandAugmentConfig:
     max_magnitude: float = 10.0
     prob: float = 0.5
 
+    def __post_init__(self) -> None:
+        if self.num_ops < 0 or self.max_magnitude <= 0 or self.magnitude_std < 0:
+            raise ValueError(f"RandAugment needs num_ops ≥ 0, max_magnitude > 0, magnitude_std ≥ 0: {self}")
+        _check_probability("RandAugment prob", self.prob)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainAugmentConfig:
@@ -59,6 +64,20 @@ class TrainAugmentConfig:
     erase_area: tuple[float, float] = (0.02, 1 / 3)
     erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)
 
+    def __post_init__(self) -> None:
+        # recipes (TOML/JSON) give lists and nested tables: normalise them
+        for name in ("scale", "ratio", "erase_area", "erase_ratio"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 2 or not 0 < value[0] <= value[1]:
+                raise ValueError(f"augment {name} must be a range (low, high) with 0 < low <= high, got {value}")
+            object.__setattr__(self, name, value)
+        if self.scale[1] > 1 or self.erase_area[1] > 1:
+            raise ValueError("augment scale and erase_area are fractions of the image: at most 1")
+        if isinstance(self.rand_augment, dict):
+            object.__setattr__(self, "rand_augment", RandAugmentConfig(**self.rand_augment))
+        _check_probability("augment hflip", self.hflip)
+        _check_probability("augment erase_prob", self.erase_prob)
+
 
 @dataclass(frozen=True, kw_only=True)
 class MixConfig:
@@ -73,6 +92,17 @@ class MixConfig:
     switch_prob: float = 0.5
     prob: float = 1.0
     label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"mix alphas must be ≥ 0, got mixup {self.mixup_alpha}, cutmix {self.cutmix_alpha}")
+        for name in ("switch_prob", "prob", "label_smoothing"):
+            _check_probability(f"mix {name}", getattr(self, name))
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 # --- geometry ---------------------------------------------------------------

@@ -34,7 +34,8 @@ from torch.utils.data import Dataset
 from pipeline.schema.errors import TileStoreError
 from pipeline.schema.format import StoreAttrs
 from pipeline.schema.reader import open_store
-from trainer.data.labels import NO_LABEL, build_label_map, encode_label, normalize_label
+from trainer.data.labels import build_label_map, encode_label, normalize_label
+from trainer.data.labels import num_classes as count_classes
 from trainer.data.splits import assign_splits
 
 Sample = dict[str, Any]
@@ -208,7 +209,7 @@ class TileStoreDataset(Dataset[Sample]):
     @property
     def num_classes(self) -> int:
         """Classes in the label map (max id + 1)."""
-        return max(self.label_map.values(), default=NO_LABEL) + 1
+        return count_classes(self.label_map)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

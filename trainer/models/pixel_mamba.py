@@ -66,7 +66,9 @@ def parse_schedule(entries: tuple[str, ...] | list[str]) -> tuple[LayerSpec, ...
             continue
         direction, _, merge = text.partition("-")
         if direction not in ("h", "v") or merge not in ("cat", "avg"):
-            raise ValueError(f"layer {i + 1}: bad schedule entry {entry!r}; use '-', 'H-Cat', 'V-Cat', 'H-Avg' or 'V-Avg'")
+            raise ValueError(
+                f"layer {i + 1}: bad schedule entry {entry!r}; use '-', 'H-Cat', 'V-Cat', 'H-Avg' or 'V-Avg'"
+            )
         specs.append(LayerSpec(expansion=direction, merge=merge))  # type: ignore[arg-type]
     return tuple(specs)
 
@@ -219,7 +221,9 @@ class PixelMambaLayer(nn.Module):
         )
 
 
-def _mamba_step(block: ResidualMambaBlock, spatial: Tensor, cls: Tensor, keep_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+def _mamba_step(
+    block: ResidualMambaBlock, spatial: Tensor, cls: Tensor, keep_scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Run one block over the whole slide as a single sequence; spatial (n, h, w, C), cls (n, C)."""
     n, h, w, _ = spatial.shape
     seq = block(serialize(spatial, cls), keep_scale)

@@ -31,14 +31,27 @@ from trainer.objectives.base import Objective, StepContext
 
 @dataclass(frozen=True, kw_only=True)
 class SupervisedConfig:
-    """label_smoothing: ε for hard labels; ordinal: None = decide from the label map."""
+    """Supervised settings.
+
+    label_smoothing: ε for hard labels; ordinal: None = decide from the label map.
+    train_regions: at most this many regions of a slide per training step (a random
+        subset in grid order, drawn from the step's generator); 0 = all. A time and
+        memory cap (CPU demo, huge slides).
+    eval_regions: at most this many regions per validation slide (evenly spaced in
+        grid order, the same every time); 0 = all (the default: real runs validate
+        on whole slides).
+    """
 
     label_smoothing: float = 0.0
     ordinal: bool | None = None
+    train_regions: int = 0
+    eval_regions: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.train_regions < 0 or self.eval_regions < 0:
+            raise ValueError(f"train_regions and eval_regions must be >= 0, got {self.train_regions}, {self.eval_regions}")
 
 
 def is_ordinal(label_map: Mapping[str, int]) -> bool:
@@ -92,7 +105,12 @@ class SupervisedObjective(Objective):
 
     def forward(self, sample: Mapping[str, Any], *, step_ctx: StepContext) -> dict[str, torch.Tensor]:
         """sample: regions (n, R, R, 3) uint8, label long scalar, optional target (K,) float."""
-        logits = self.encoder(sample["regions"], generator=step_ctx.generator).logits.float()
+        regions = sample["regions"]
+        limit = self.config.train_regions
+        if limit and regions.shape[0] > limit:
+            keep = torch.randperm(regions.shape[0], generator=step_ctx.generator)[:limit].sort().values
+            regions = regions[keep.to(regions.device)]
+        logits = self.encoder(regions, generator=step_ctx.generator).logits.float()
         label = sample["label"].reshape(()).long()
         target = sample.get("target")
         if target is not None:
@@ -107,7 +125,12 @@ class SupervisedObjective(Objective):
         return {"loss": loss, "accuracy": correct.float().detach()}
 
     def validation_step(self, sample: Mapping[str, Any], *, device: torch.device) -> dict[str, Any]:
-        logits = self.encoder(sample["regions"]).logits.float()
+        regions = sample["regions"]
+        limit = self.config.eval_regions
+        if limit and regions.shape[0] > limit:
+            keep = torch.linspace(0, regions.shape[0] - 1, limit).round().long().unique()
+            regions = regions[keep.to(regions.device)]
+        logits = self.encoder(regions).logits.float()
         label = int(sample["label"])
         loss = float(F.cross_entropy(logits[None], torch.tensor([max(label, 0)], device=logits.device)))
         return {

@@ -118,3 +118,16 @@ def test_mixup_and_cutmix_targets():
     assert np.array_equal(image, first) and np.allclose(target, smooth_one_hot(2, 3, 0.1))
     with pytest.raises(ValueError, match="shapes"):
         mix_pair(first, second[:16], 0, 1, 3, mixup, np.random.default_rng(0))
+
+
+def test_configs_accept_recipe_values_and_reject_bad_ones():
+    config = TrainAugmentConfig(scale=[0.2, 1], rand_augment={"num_ops": 1, "magnitude": 5})
+    assert config.scale == (0.2, 1.0) and config.rand_augment == RandAugmentConfig(num_ops=1, magnitude=5)
+    with pytest.raises(ValueError, match="scale"):
+        TrainAugmentConfig(scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="erase_prob"):
+        TrainAugmentConfig(erase_prob=1.5)
+    with pytest.raises(ValueError, match="alphas"):
+        MixConfig(mixup_alpha=-1)
+    with pytest.raises(ValueError, match="RandAugment prob"):
+        RandAugmentConfig(prob=2)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import importlib.util
 import multiprocessing
 import pickle
 import pickletools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +220,40 @@ def test_store_built_by_the_pipeline_from_synthetic_slides(tmp_path):
         assert a["regions"].shape[0] == 12
         for region, (row, col) in zip(a["regions"].numpy(), a["coords"].tolist()):
             np.testing.assert_array_equal(region, level1[row * 32 : (row + 1) * 32, col * 32 : (col + 1) * 32])
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def served(stores):
+    """The zstd store's folder served over HTTP on a loopback port: its base URL."""
+    folder = stores["zstd"].parent
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{stores['zstd'].name}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_store_with_forked_workers(stores, served):
+    local = TileStoreDataset(stores["zstd"], split="train")
+    remote = TileStoreDataset(served, split="train")
+    assert remote.url == served and remote.slide_ids == local.slide_ids
+    remote[0]  # the parent's HTTP session must not be reused by the workers
+    loader = DataLoader(
+        remote, batch_size=1, num_workers=2, collate_fn=collate_slide,
+        multiprocessing_context=multiprocessing.get_context("fork"),
+    )
+    for sample in loader:
+        assert torch.equal(sample["regions"], local[sample["index"]]["regions"])
+
+
+def test_empty_store_gives_an_empty_dataset(store_factory):
+    ds = TileStoreDataset(store_factory([]), split="train")
+    assert len(ds) == 0 and ds.label_map == {} and ds.filter_report["kept"] == 0

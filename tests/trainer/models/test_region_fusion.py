@@ -74,7 +74,8 @@ def test_assignment_composes_across_layers() -> None:
 
 def test_training_split_comes_from_the_generator() -> None:
     def split(seed: int):
-        return split_gallery_probe(7, random=True, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+        gen = torch.Generator().manual_seed(seed)
+        return split_gallery_probe(7, random=True, generator=gen, device=torch.device("cpu"))
 
     g0, p0 = split(0)
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
@@ -90,7 +91,10 @@ def test_training_split_comes_from_the_generator() -> None:
 def test_training_fusion_is_reproducible_with_a_seeded_generator() -> None:
     torch.manual_seed(0)
     cls_rows = torch.randn(9, 3).tolist()
-    runs = [_fuse(cls_rows, alpha=0.8, num_layers=2, random=True, generator=torch.Generator().manual_seed(5))[2] for _ in range(2)]
+    runs = [
+        _fuse(cls_rows, alpha=0.8, num_layers=2, random=True, generator=torch.Generator().manual_seed(5))[2]
+        for _ in range(2)
+    ]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     assert runs[0].region_ids.numel() == 9 - 4  # k = min(⌈0.8·9/2⌉, 4) = 4

@@ -82,8 +82,8 @@ def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
         _, a, x = _chunk_inputs(u, dt, A, B, s, e)
         x[0].addcmul_(a[0], h)
         hs = linear_scan(a[1:], x)
-        y[:, :, s:e] = torch.einsum("tbdn,tbn->bdt", hs, C[:, :, s:e].permute(2, 0, 1))
         h = hs[-1].clone()
+        y[:, :, s:e] = hs.mul_(C[:, :, s:e].permute(2, 0, 1).unsqueeze(2)).sum(-1).permute(1, 2, 0)
     return y, h, boundaries
 
 
@@ -113,25 +113,24 @@ class _ChunkedScan(torch.autograd.Function):
             hs = linear_scan(a[1:], x)
             C_c = C[:, :, s:e].permute(2, 0, 1)
             gy_c = gy[:, :, s:e].permute(2, 0, 1)
-            dC[:, :, s:e] = torch.einsum("tbdn,tbd->bnt", hs, gy_c)
+            dC[:, :, s:e] = (hs * gy_c.unsqueeze(-1)).sum(2).permute(1, 2, 0)
             # Adjoint g_t = dL/dh_t = C_t·gy_t + a_{t+1} ⊙ g_{t+1}, a reverse scan.
             cg = gy_c.unsqueeze(-1) * C_c.unsqueeze(2)
             cg[-1] += lam
             g = linear_scan(torch.flip(a[1:], [0]), torch.flip(cg, [0])).flip(0)
-            # q_t = g_t ⊙ h_{t−1} ⊙ a_t: the gradient reaching dt through the decay, over A.
+            # q_t = g_t ⊙ h_{t−1} ⊙ a_t: the gradient reaching dt and A through the decay.
             q = torch.empty_like(hs)
             torch.mul(hs[:-1], a[1:], out=q[1:])
             torch.mul(h_in, a[0], out=q[0])
             q.mul_(g)
             lam = g[0] * a[0]
-            del hs, cg, x
-            B_c = B[:, :, s:e].permute(2, 0, 1)
-            gB = torch.einsum("tbdn,tbn->tbd", g, B_c)
+            del hs, cg, x, a
+            dA += (q * dt_c.unsqueeze(-1)).sum((0, 1))
             u_c = u[:, :, s:e].permute(2, 0, 1)
-            ddt[:, :, s:e] = (torch.einsum("tbdn,dn->tbd", q, A) + gB * u_c).permute(1, 2, 0)
+            gB = (g * B[:, :, s:e].permute(2, 0, 1).unsqueeze(2)).sum(-1)
+            ddt[:, :, s:e] = (q.mul_(A).sum(-1) + gB * u_c).permute(1, 2, 0)
             du[:, :, s:e] = (gB * dt_c).permute(1, 2, 0)
-            dB[:, :, s:e] = torch.einsum("tbdn,tbd->bnt", g, dt_c * u_c)
-            dA += torch.einsum("tbdn,tbd->dn", q, dt_c)
+            dB[:, :, s:e] = g.mul_((dt_c * u_c).unsqueeze(-1)).sum(2).permute(1, 2, 0)
         return du, ddt, dA, dB, dC, None
 
 

@@ -1,4 +1,4 @@
-"""`pm-tiles build/info/qc`: exit codes, output, clean errors."""
+"""`pm-tiles build/info/qc` (pipeline/cli.py; named apart from tests/trainer/test_cli.py, since test basenames must be unique): exit codes, output, clean errors."""
 
 from __future__ import annotations
 

@@ -1,0 +1,128 @@
+"""`pm-train supervised`: clear errors, a store run with resume and mismatch refusal, image-folder mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer.cli import main
+from trainer.data.image_folder import make_tiny_image_folder
+
+FAST = ["--model", "pixel_mamba_tiny", "--workers", "0", "--accum", "2", "--device", "cpu"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["supervised", *args], catch_exceptions=False)
+
+
+def test_missing_store(tmp_path) -> None:
+    result = run("--store", str(tmp_path / "nowhere.zarr"), "--out", str(tmp_path / "run"), *FAST)
+    assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_folder_that_is_not_a_store(tmp_path) -> None:
+    (tmp_path / "plain").mkdir()
+    result = run("--store", str(tmp_path / "plain"), "--out", str(tmp_path / "run"), *FAST)
+    assert result.exit_code != 0 and "cannot open store" in result.output
+
+
+def test_store_without_labels(unlabelled_store, tmp_path) -> None:
+    result = run("--store", str(unlabelled_store), "--out", str(tmp_path / "run"), *FAST)
+    assert result.exit_code != 0 and "has no slide labels" in result.output
+
+
+def test_unknown_model_lists_the_known_ones(stain_store, tmp_path) -> None:
+    result = run("--store", str(stain_store), "--out", str(tmp_path / "run"), *FAST, "--model", "pixel_mamba_9000")
+    assert result.exit_code != 0
+    assert "unknown model 'pixel_mamba_9000'" in result.output and "pixel_mamba_tiny" in result.output
+
+
+def test_no_slides_after_filtering(stain_store, tmp_path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[data]\nmin_regions = 100\n")
+    result = run("--store", str(stain_store), "--out", str(tmp_path / "run"), "--config", str(recipe), *FAST)
+    assert result.exit_code != 0 and "no labelled slides in split 'train' with 100..999 regions" in result.output
+
+
+def test_recipe_typo_is_named(stain_store, tmp_path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[loop]\nepoch = 3\n")
+    result = run("--store", str(stain_store), "--out", str(tmp_path / "run"), "--config", str(recipe), *FAST)
+    assert result.exit_code != 0 and "unknown key(s) ['epoch']" in result.output
+
+
+def test_store_run_resume_and_mismatch(stain_store, other_mpp_store, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = run("--store", str(stain_store), "--out", str(out), *FAST, "--max-steps", "1", "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    assert "last checkpoint:" in first.output and str((out / "last.pt").resolve()) in first.output
+    payload = torch.load(out / "last.pt", weights_only=True)
+    assert (payload["step"], payload["region_size"], payload["mpp"]) == (1, 32, 2.0)
+    assert payload["label_map"] == {"dab": 0, "he": 1} and payload["config"]["model"]["name"] == "pixel_mamba_tiny"
+    assert payload["normalization"]["mean"] and payload["model_config"]["region_size"] == 32
+
+    refused = run("--store", str(other_mpp_store), "--out", str(tmp_path / "other"), *FAST,
+                  "--resume", str(out / "last.pt"))
+    assert refused.exit_code != 0
+    assert ("checkpoint was trained on 32 px regions at 2 µm/px, store has 32 px regions at 1 µm/px"
+            in refused.output)
+    refused = run("--store", str(other_mpp_store), "--out", str(tmp_path / "other"), *FAST,
+                  "--init", str(out / "last.pt"))
+    assert refused.exit_code != 0 and "--init: checkpoint was trained on" in refused.output
+
+    resumed = run("--store", str(stain_store), "--out", str(out), "--resume", str(out / "last.pt"),
+                  "--max-steps", "2", "--workers", "0", "--device", "cpu")
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_init_from_checkpoint_reports_fresh_head(stain_store, tmp_path) -> None:
+    first = run("--store", str(stain_store), "--out", str(tmp_path / "a"), *FAST, "--max-steps", "1")
+    assert first.exit_code == 0, first.output
+    second = run("--store", str(stain_store), "--out", str(tmp_path / "b"), *FAST, "--max-steps", "1",
+                 "--init", str(tmp_path / "a" / "last.pt"))
+    assert second.exit_code == 0, second.output
+    assert "--init: loaded encoder weights; fresh head (2 head keys left out)" in second.output
+
+
+def test_image_folder_mode(tmp_path) -> None:
+    make_tiny_image_folder(tmp_path / "train", classes=2, per_class=3, size=24)
+    make_tiny_image_folder(tmp_path / "val", classes=2, per_class=1, size=24, seed=1)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        "[data]\nregion_size = 16\n[supervised]\nlabel_smoothing = 0.1\n"
+        "[augment]\nscale = [0.5, 1.0]\n[augment.mix]\nmixup_alpha = 0.8\n"
+    )
+    out = tmp_path / "run"
+    result = run("--image-folder", str(tmp_path / "train"), "--val-folder", str(tmp_path / "val"), "--out", str(out),
+                 "--config", str(recipe), *FAST, "--accum", "3", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    payload = torch.load(out / "last.pt", weights_only=True)
+    assert payload["mpp"] is None and payload["region_size"] == 16 and payload["step"] == 2
+    assert payload["model_config"]["region_fusion"] is False
+    assert (out / "best.pt").exists() and (out / "metrics.csv").read_text().count("\nval,") == 1
+    assert list(Path(out / "tensorboard").iterdir())
+
+
+def test_store_and_image_folder_are_exclusive(stain_store, tmp_path) -> None:
+    result = run("--store", str(stain_store), "--image-folder", str(tmp_path), "--out", str(tmp_path / "r"), *FAST)
+    assert result.exit_code != 0 and "exactly one of --store" in result.output
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.toml")))
+def test_shipped_recipes_parse(recipe) -> None:
+    from trainer.engine.config import DataConfig, load_recipe, section
+    from trainer.engine.loop import LoopConfig
+    from trainer.engine.optim import OptimConfig
+    from trainer.models import get_config
+    from trainer.objectives.supervised import SupervisedConfig
+
+    loaded = load_recipe(recipe)
+    for table, cls in (("data", DataConfig), ("optim", OptimConfig), ("loop", LoopConfig),
+                       ("supervised", SupervisedConfig)):
+        section(loaded, table, cls, source=recipe.name)
+    model = dict(loaded["model"])
+    get_config(model.pop("name"), **model)
