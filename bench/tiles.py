@@ -34,7 +34,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.demo_cohort import fetch_sample_slide, tissue_crop  # noqa: E402
+from pipeline.demo_cohort import fetch_sample_slide  # noqa: E402
 from pipeline.driver import build_store  # noqa: E402
 from pipeline.extract import block_mean_uint8  # noqa: E402
 from pipeline.grid import choose_level, region_grid  # noqa: E402

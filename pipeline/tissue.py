@@ -97,8 +97,9 @@ def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
 
 def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation scaled to 0..255: (h, w, 3) uint8 → (h, w) uint8, (max − min) / max."""
-    high = rgb.max(axis=2)
-    spread = high - rgb.min(axis=2)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(r, g), b)
+    spread = high - np.minimum(np.minimum(r, g), b)
     out = np.zeros(high.shape, np.uint8)
     np.floor_divide(spread.astype(np.uint16) * 255 + high // 2, high, out=out, where=high > 0, casting="unsafe")
     return out

@@ -193,8 +193,9 @@ def run_supervised(**options: Any) -> Path:
         click.echo(f"TensorBoard logs:  {(out_dir / 'tensorboard').resolve()}")
         click.echo(f"last checkpoint:   {result.last_checkpoint.resolve() if result.last_checkpoint else '-'}")
         if result.best_checkpoint:
-            click.echo(f"best checkpoint:   {result.best_checkpoint.resolve()} "
-                       f"({result.best_metric} {trainer.state.best_value:.4f})")
+            best = trainer.state.best_value
+            score = f" ({result.best_metric} {best:.4f})" if best is not None else ""
+            click.echo(f"best checkpoint:   {result.best_checkpoint.resolve()}{score}")
     return out_dir
 
 
@@ -240,25 +241,25 @@ def _store_datasets(cfg: DataConfig, label_map: dict[str, int] | None):
     if len(train_ds) == 0:
         raise click.ClickException(
             f"store {store!r} has no labelled slides in split {cfg.train_split!r} with "
-            f"{cfg.min_regions}..{cfg.max_regions} regions ({getattr(train_ds, 'filter_report', '')})"
+            f"{cfg.min_regions}..{cfg.max_regions} regions "
+            f"({', '.join(f'{k}: {v}' for k, v in getattr(train_ds, 'filter_report', {}).items())})"
         )
     val_ds = None
     if cfg.val_split:
-        val_ds = TileStoreDataset(store, split=cfg.val_split, require_label=True, label_map=train_ds.label_map,
-                                  **common)
+        try:
+            val_ds = TileStoreDataset(store, split=cfg.val_split, require_label=True, label_map=train_ds.label_map,
+                                      **common)
+        except ValueError as exc:
+            raise click.ClickException(f"store {store!r}, split {cfg.val_split!r}: {exc}") from None
     attrs = train_ds.store_attrs
     return train_ds, val_ds, int(attrs.region_size), float(attrs.mpp)
 
 
 def _folder_datasets(cfg: DataConfig, recipe: dict[str, Any], seed: int, label_map: dict[str, int] | None):
-    from trainer.data.augment import MixConfig, TrainAugmentConfig
     from trainer.data.image_folder import ImageFolderDataset
 
-    augment_table = dict(recipe.get("augment") or {})
-    mix_table = augment_table.pop("mix", None)
     try:
-        augment = section({"augment": augment_table}, "augment", TrainAugmentConfig)
-        mix = section({"mix": mix_table}, "mix", MixConfig) if mix_table is not None else None
+        augment, mix = augment_configs(recipe)
         train_ds = ImageFolderDataset(cfg.image_folder, train=True, region_size=cfg.region_size, augment=augment,
                                       mix=mix, label_map=label_map, seed=seed)
         val_ds = (
@@ -269,6 +270,17 @@ def _folder_datasets(cfg: DataConfig, recipe: dict[str, Any], seed: int, label_m
     except (RecipeError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     return train_ds, val_ds, cfg.region_size, None
+
+
+def augment_configs(recipe: dict[str, Any]):
+    """[augment] → (TrainAugmentConfig, MixConfig or None); [augment.mix] absent = no Mixup/CutMix."""
+    from trainer.data.augment import MixConfig, TrainAugmentConfig
+
+    augment_table = dict(recipe.get("augment") or {})
+    mix_table = augment_table.pop("mix", None)
+    augment = section({"augment": augment_table}, "augment", TrainAugmentConfig)
+    mix = section({"augment.mix": mix_table}, "augment.mix", MixConfig) if mix_table is not None else None
+    return augment, mix
 
 
 def _build_model(name: str, overrides: dict[str, Any]):

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,6 @@ class SlideTable:
         group was replaced or never finished, so the table must not claim it)."""
         slides = {k: v for k, v in self.slides.items() if k != failure.slide_id}
         return SlideTable(slides=slides, failures={**self.failures, failure.slide_id: failure})
-
-    def without(self, slide_ids: Iterable[str]) -> "SlideTable":
-        drop = set(slide_ids)
-        return SlideTable(
-            slides={k: v for k, v in self.slides.items() if k not in drop},
-            failures={k: v for k, v in self.failures.items() if k not in drop},
-        )
 
     def to_json(self) -> dict[str, Any]:
         return {

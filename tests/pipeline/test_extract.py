@@ -85,7 +85,7 @@ def test_small_blocks_and_sparse_tissue_give_the_same_regions_in_row_major_order
     path, _ = pyramid
     tissue = box(0, 0, 448, SIZE).union(box(1344, 0, SIZE, 900)).union(box(0, 1344, SIZE, SIZE))
     grid, _, _, big = _extract(path, 1.0, tissue=tissue)
-    _, _, _, small = _extract(path, 1.0, tissue=tissue, block_px=300, max_band_regions=3)
+    _, _, _, small = _extract(path, 1.0, tissue=tissue, block_px=300, max_gap=0)
     keys = grid.coords[:, 0] * 1000 + grid.coords[:, 1]
     assert (np.diff(keys) > 0).all()
     assert len(big) == len(small) == len(grid) > 4

@@ -1,4 +1,7 @@
-"""`pm-tiles build/info/qc` (pipeline/cli.py; named apart from tests/trainer/test_cli.py, since test basenames must be unique): exit codes, output, clean errors."""
+"""`pm-tiles build/info/qc` (pipeline/cli.py): exit codes, output, clean errors.
+
+Not named test_cli.py: tests/trainer/test_cli.py exists and test basenames must be unique.
+"""
 
 from __future__ import annotations
 

@@ -107,3 +107,15 @@ def test_working_resolution_prefers_a_stored_level_and_respects_the_cap(tmp_path
     capped = tissue_mask(slide, 0.5, TissueSettings(coarsest_mpp=4.0, max_side=50))
     assert capped.mask.shape == (50, 50)
     assert abs(capped.mask[:, :25].mean() - 1) < 0.1 and capped.mask[:, 27:].sum() == 0
+
+
+def test_hsv_saturation_matches_skimage():
+    from skimage import color
+
+    from pipeline.tissue import hsv_saturation
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    rgb[0, 0] = 0  # black: saturation 0, not a division by zero
+    reference = color.rgb2hsv(rgb)[..., 1] * 255
+    assert np.abs(hsv_saturation(rgb).astype(float) - reference).max() <= 0.5 + 1e-9
+    assert hsv_saturation(rgb)[0, 0] == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.cli import main
+from trainer.cli import augment_configs, main
 from trainer.data.image_folder import make_tiny_image_folder
 
 FAST = ["--model", "pixel_mamba_tiny", "--workers", "0", "--accum", "2", "--device", "cpu"]
@@ -83,9 +83,17 @@ def test_init_from_checkpoint_reports_fresh_head(stain_store, tmp_path) -> None:
     first = run("--store", str(stain_store), "--out", str(tmp_path / "a"), *FAST, "--max-steps", "1")
     assert first.exit_code == 0, first.output
     second = run("--store", str(stain_store), "--out", str(tmp_path / "b"), *FAST, "--max-steps", "1",
-                 "--init", str(tmp_path / "a" / "last.pt"))
+                 "--init", str(tmp_path / "a" / "last.pt"), "--balance-classes", "--lr", "1e-3", "--seed", "3")
     assert second.exit_code == 0, second.output
     assert "--init: loaded encoder weights; fresh head (2 head keys left out)" in second.output
+    config = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["config"]
+    assert config["data"]["balance_classes"] is True and config["optim"]["lr"] == 1e-3 and config["loop"]["seed"] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu(stain_store, tmp_path) -> None:
+    result = run("--store", str(stain_store), "--out", str(tmp_path / "r"), "--device", "cuda")
+    assert result.exit_code != 0 and "no CUDA device is available" in result.output
 
 
 def test_image_folder_mode(tmp_path) -> None:
@@ -126,3 +134,6 @@ def test_shipped_recipes_parse(recipe) -> None:
         section(loaded, table, cls, source=recipe.name)
     model = dict(loaded["model"])
     get_config(model.pop("name"), **model)
+    augment, mix = augment_configs(loaded)
+    if "augment" in loaded:
+        assert augment.rand_augment is not None and mix is not None and mix.label_smoothing == 0.1

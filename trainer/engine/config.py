@@ -125,7 +125,8 @@ def _build(cls: type[T], values: Mapping[str, Any], *, where: str) -> T:
 
 
 def _coerce(hint: Any, value: Any, *, where: str) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if is_union else (hint,)
     for option in options:
         if dataclasses.is_dataclass(option) and isinstance(value, dict):
             return _build(option, value, where=where)

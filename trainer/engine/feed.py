@@ -16,14 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.samplers import SlideSampler
+from trainer.data.tile_dataset import collate_slide
 from trainer.engine.distributed import DistEnv
-
-
-def collate_one(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """batch_size=1 collate: the sample itself (slides have different region counts)."""
-    if len(batch) != 1:
-        raise ValueError(f"one sample is one slide: use batch_size=1 (got {len(batch)})")
-    return batch[0]
 
 
 class SlideFeed:
@@ -81,7 +75,7 @@ class SlideFeed:
             batch_size=1,
             sampler=self.sampler,
             num_workers=self.workers,
-            collate_fn=collate_one,
+            collate_fn=collate_slide,
             generator=generator,
             pin_memory=self.pin_memory,
             persistent_workers=False,

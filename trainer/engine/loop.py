@@ -269,9 +269,14 @@ class Trainer:
                 f"{self.samples_per_epoch}: the training set or its filters changed"
             )
         objective = unwrap(self.module)
-        objective.encoder.load_state_dict(payload["model"])
-        objective.load_objective_state_dict(payload["objective"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        try:
+            objective.encoder.load_state_dict(payload["model"])
+            objective.load_objective_state_dict(payload["objective"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint does not fit this run (another model variant or objective?): {exc}"
+            ) from exc
         if payload.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(

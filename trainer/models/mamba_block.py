@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.models.ssm import causal_conv1d, selective_scan_fn
@@ -104,15 +103,16 @@ class _Direction(nn.Module):
         """x, z: (B, d_inner, L) float32 → y: (B, d_inner, L) float32 (gated by silu(z))."""
         weight = self.conv1d.weight.squeeze(1).float()
         x = causal_conv1d(x, weight, self.conv1d.bias.float(), activation="silu", backend=backend)
-        x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight.float())  # (B, L, dt_rank + 2N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight.float()).transpose(1, 2)
+        # x_proj applied as three matmuls on the channels-first x: each result is already the
+        # contiguous (B, ·, L) layout the scan takes, and no (B, L, dt_rank + 2N) tensor is kept.
+        w_dt, w_b, w_c = torch.split(self.x_proj.weight.float(), [self.dt_rank, self.d_state, self.d_state], dim=0)
+        delta = torch.matmul(self.dt_proj.weight.float(), torch.matmul(w_dt, x))  # (B, d_inner, L)
         return selective_scan_fn(
             x,
-            delta.contiguous(),
+            delta,
             -torch.exp(self.A_log.float()),
-            b.transpose(1, 2).contiguous(),
-            c.transpose(1, 2).contiguous(),
+            torch.matmul(w_b, x),
+            torch.matmul(w_c, x),
             D=self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),

@@ -1,0 +1,1 @@
+"""Training objectives: one module each, one interface (`trainer.objectives.base.Objective`)."""

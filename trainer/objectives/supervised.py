@@ -51,7 +51,9 @@ class SupervisedConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.train_regions < 0 or self.eval_regions < 0:
-            raise ValueError(f"train_regions and eval_regions must be >= 0, got {self.train_regions}, {self.eval_regions}")
+            raise ValueError(
+                f"train_regions and eval_regions must be >= 0, got {self.train_regions}, {self.eval_regions}"
+            )
 
 
 def is_ordinal(label_map: Mapping[str, int]) -> bool:

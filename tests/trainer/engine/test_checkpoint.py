@@ -55,7 +55,9 @@ def test_store_mismatch_is_refused_with_both_sides_named() -> None:
 def test_normalization_mismatch_refused() -> None:
     ckpt.check_normalization({"normalization": {"mean": [0.5] * 3, "std": [0.2] * 3}}, mean=[0.5] * 3, std=[0.2] * 3)
     with pytest.raises(ckpt.CheckpointError, match="normalises inputs"):
-        ckpt.check_normalization({"normalization": {"mean": [0.5] * 3, "std": [0.2] * 3}}, mean=[0.4] * 3, std=[0.2] * 3)
+        ckpt.check_normalization(
+            {"normalization": {"mean": [0.5] * 3, "std": [0.2] * 3}}, mean=[0.4] * 3, std=[0.2] * 3
+        )
 
 
 def test_encoder_init_leaves_the_head_fresh() -> None:

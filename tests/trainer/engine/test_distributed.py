@@ -35,8 +35,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         objective = SupervisedObjective(model, label_map={"a": 0, "b": 1}, config=SupervisedConfig())
         trainer = Trainer(
             objective,
-            train=SlideFeed(ColourSlides(8), env=env, seed=0),
-            val=SlideFeed(ColourSlides(3, offset=100), env=env, shuffle=False),
+            train=SlideFeed(ColourSlides(8, regions=2), env=env, seed=0),
+            val=SlideFeed(ColourSlides(3, regions=2, offset=100), env=env, shuffle=False),
             optim_config=OptimConfig(lr=2e-3, weight_decay=0.05),
             loop_config=LoopConfig(epochs=1, accum_steps=2, tensorboard=False, progress=False),
             out_dir=out_dir,

@@ -12,7 +12,7 @@ from engine_data import ColourSlides
 from trainer.engine.checkpoint import load_checkpoint
 from trainer.engine.feed import SlideFeed
 from trainer.engine.loop import LoopConfig, NonFiniteLossError, Trainer
-from trainer.engine.optim import OptimConfig
+from trainer.engine.optim import OptimConfig, apply_schedule_values
 from trainer.engine.schedules import CosineSchedule
 from trainer.models import build_model
 from trainer.objectives.base import Objective, StepContext, TrainingPlan
@@ -27,8 +27,8 @@ def make_trainer(out_dir, *, objective=None, init_seed=0, **loop) -> Trainer:
     settings = dict(epochs=2, accum_steps=2, tensorboard=False, progress=False, seed=0) | loop
     return Trainer(
         objective,
-        train=SlideFeed(ColourSlides(6), seed=0),
-        val=SlideFeed(ColourSlides(4, offset=100), shuffle=False),
+        train=SlideFeed(ColourSlides(4), seed=0),
+        val=SlideFeed(ColourSlides(2, offset=100), shuffle=False),
         optim_config=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.05),
         loop_config=LoopConfig(**settings),
         out_dir=out_dir,
@@ -39,12 +39,12 @@ def make_trainer(out_dir, *, objective=None, init_seed=0, **loop) -> Trainer:
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path) -> None:
     full = make_trainer(tmp_path / "full").fit()
     assert [row["lr"] for row in full.history][:2] == [1e-6, 2e-3]  # warm-up, then the peak
-    assert len(full.history) == 6 and len(full.validations) == 2
+    assert len(full.history) == 4 and len(full.validations) == 2
 
-    first = make_trainer(tmp_path / "cut", max_steps=2).fit()  # stops mid-epoch (4 of 6 slides)
-    assert len(first.history) == 2
+    first = make_trainer(tmp_path / "cut", max_steps=1).fit()  # stops mid-epoch (2 of 4 slides)
+    assert len(first.history) == 1
     payload = load_checkpoint(first.last_checkpoint)
-    assert (payload["step"], payload["epoch"], payload["position"]) == (2, 0, 4)
+    assert (payload["step"], payload["epoch"], payload["position"]) == (1, 0, 2)
     resumed = make_trainer(tmp_path / "cut", init_seed=123).fit(resume=payload)
 
     losses = [row["loss"] for row in first.history + resumed.history]
@@ -58,7 +58,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path) -> None:
 
     with open(tmp_path / "cut" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows if r["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows if r["phase"] == "train"] == [1, 2, 3, 4]
     assert (tmp_path / "cut" / "best.pt").exists() and (tmp_path / "cut" / "tensorboard").exists() is False
 
 
@@ -113,7 +113,8 @@ class EMATeacherObjective(Objective):
             target = self.teacher(regions.flip(1)).embedding
             self.centre.mul_(0.9).add_(0.1 * target)
         self.seen.append((step_ctx.step, step_ctx.values["ema_momentum"], step_ctx.values["lr"]))
-        return {"loss": 1 - torch.cosine_similarity(student, target - self.centre, dim=0), "centre_norm": self.centre.norm()}
+        loss = 1 - torch.cosine_similarity(student, target - self.centre, dim=0)
+        return {"loss": loss, "centre_norm": self.centre.norm()}
 
     @torch.no_grad()
     def on_after_step(self, step: int) -> None:
@@ -139,3 +140,24 @@ def test_objective_hooks_schedules_and_teacher_state(tmp_path) -> None:
     assert payload["objective_name"] == "ema_test"
     assert "centre" in payload["objective"] and any(k.startswith("teacher.") for k in payload["objective"])
     assert not any(k.startswith("encoder.") for k in payload["objective"])
+
+
+class HintedObjective(SupervisedObjective):
+    def param_group_hints(self):
+        return {"encoder.cls_token": {"lr_scale": 10.0}}
+
+    def no_weight_decay_names(self):
+        return ["encoder.head.weight"]
+
+
+def test_param_group_hints_get_their_own_groups(tmp_path) -> None:
+    model = build_model("pixel_mamba_tiny", num_classes=2, region_size=16)
+    objective = HintedObjective(model, label_map={"a": 0, "b": 1}, config=SupervisedConfig())
+    trainer = make_trainer(tmp_path, objective=objective)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {"decay", "no_decay", "encoder.cls_token"}
+    assert groups["encoder.cls_token"]["params"] == [model.cls_token]
+    assert any(p is model.head.weight for p in groups["no_decay"]["params"])
+    apply_schedule_values(trainer.optimizer, lr=1e-3, weight_decay=0.1)
+    assert groups["encoder.cls_token"]["lr"] == pytest.approx(1e-2) and groups["decay"]["lr"] == 1e-3
+    assert groups["encoder.cls_token"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1

@@ -169,6 +169,22 @@ def test_numba_and_torch_backends_agree_on_the_model() -> None:
     torch.testing.assert_close(b(x).cls_tokens, a(x).cls_tokens, rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_autocast_keeps_the_residual_stream_in_fp32_and_stays_close() -> None:
+    model = _tiny(num_classes=2, region_fusion=False).eval()
+    x = _regions(2)
+    ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.spatial_tokens.dtype == torch.float32 and out.cls_tokens.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(out.spatial_tokens.flatten(0, 2), ref.spatial_tokens.flatten(0, 2))
+    assert cos.min() > 0.98
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, generator=torch.Generator().manual_seed(0))
+    out.logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.gpu
 def test_cuda_forward_matches_cpu_and_runs_under_bf16_autocast() -> None:
     if not torch.cuda.is_available():

@@ -98,6 +98,29 @@ def check_against_reference(core, L, with_D, with_z, with_bias, softplus, with_l
         assert rel_err(grads[name], g_ref[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 13, 32, 33])
+def test_pair_scans_match_loops(T):
+    """The odd–even scans behind the torch core, forward and reverse, for even and odd lengths."""
+    g = torch.Generator().manual_seed(T)
+    w = torch.rand(T - 1, 2, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(T, 2, 3, generator=g, dtype=torch.float64)
+    fwd, rev = x.clone(), x.clone()
+    for k in range(1, T):
+        fwd[k] = w[k - 1] * fwd[k - 1] + x[k]
+    for k in range(T - 2, -1, -1):
+        rev[k] = w[k] * rev[k + 1] + x[k]
+    torch.testing.assert_close(torch_scan.linear_scan(w, x.clone()), fwd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch_scan.linear_scan_reverse(w, x.clone()), rev, rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_length_is_a_bounded_power_of_two():
+    assert torch_scan.chunk_length(1, 6, 16) == 2048
+    assert torch_scan.chunk_length(1, 384, 16) == 32
+    assert torch_scan.chunk_length(64, 768, 16) == torch_scan.MIN_CHUNK
+    with pytest.raises(ValueError, match="chunk must be"):
+        torch_scan.scan_core(*(torch.zeros(1, 2, 3),) * 2, torch.zeros(2, 4), *(torch.zeros(1, 4, 3),) * 2, chunk=0)
+
+
 CORES = {
     "torch": partial(torch_scan.scan_core, chunk=16),
     "numba": pytest.param(partial(numba_scan.scan_core, checkpoint_every=16), marks=needs_numba) if numba_scan.AVAILABLE else pytest.param(None, marks=needs_numba),

@@ -110,7 +110,9 @@ def test_best_metric_defaults_follow_the_label_kind(objective) -> None:
 
 def test_model_without_head_is_refused() -> None:
     with pytest.raises(ValueError, match="head of >= 2 classes"):
-        SupervisedObjective(build_model("pixel_mamba_tiny", region_size=16), label_map={"a": 0}, config=SupervisedConfig())
+        SupervisedObjective(
+            build_model("pixel_mamba_tiny", region_size=16), label_map={"a": 0}, config=SupervisedConfig()
+        )
 
 
 def test_region_caps_limit_the_regions_seen() -> None:
@@ -118,7 +120,8 @@ def test_region_caps_limit_the_regions_seen() -> None:
     model = build_model("pixel_mamba_tiny", num_classes=2, region_size=16)
     seen: list[int] = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    objective = SupervisedObjective(model, label_map={"a": 0, "b": 1}, config=SupervisedConfig(train_regions=3, eval_regions=4))
+    config = SupervisedConfig(train_regions=3, eval_regions=4)
+    objective = SupervisedObjective(model, label_map={"a": 0, "b": 1}, config=config)
     regions = torch.randint(0, 255, (5, 16, 16, 3), dtype=torch.uint8)
     sample = {"regions": regions, "label": torch.tensor(1), "slide_id": "x", "index": 0}
     objective(sample, step_ctx=_ctx())
