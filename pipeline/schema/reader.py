@@ -191,10 +191,7 @@ class TileStore:
         self._record(slide_id)
         base = f"{SLIDES_GROUP}/{slide_id}"
         try:
-            small = {
-                name: zarr.open_array(self._zarr_store, path=f"{base}/{name}", mode="r")[...]
-                for name in (COORDS, ORIGIN, FOREGROUND)
-            }
+            small = {name: self._small_array(f"{base}/{name}") for name in (COORDS, ORIGIN, FOREGROUND)}
             regions = self._memmap_regions(base) if self.is_local else None
             if regions is None:
                 regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r")
@@ -207,29 +204,52 @@ class TileStore:
             foreground=small[FOREGROUND], load_attrs=functools.partial(self.slide_attrs, slide_id),
         )
 
-    def _memmap_regions(self, base: str) -> np.ndarray | None:
-        """The raw chunk as `np.memmap` when the array is one uncompressed chunk; else None."""
-        meta = json.loads(self._read_bytes(f"{base}/{REGIONS}/zarr.json") or b"{}")
+    def _raw_chunk_layout(self, key: str) -> tuple[np.dtype, tuple[int, ...], str] | None:
+        """(dtype, shape, chunk key) when the array at `key` is exactly one uncompressed chunk
+        (bytes codec only, default "/" chunk keys), so its chunk file is the raw C-order
+        array; None for any other layout."""
+        meta = json.loads(self._read_bytes(f"{key}/zarr.json") or b"{}")
         shape = tuple(meta.get("shape", ()))
         codecs = meta.get("codecs") or []
         grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
         encoding = meta.get("chunk_key_encoding") or {}
         if (
-            len(shape) != 4 or meta.get("data_type") != "uint8" or len(codecs) != 1
-            or codecs[0].get("name") != "bytes" or grid is None or tuple(grid)[1:] != shape[1:]
-            or grid[0] < shape[0] or encoding.get("name") != "default"
+            not shape or len(codecs) != 1 or codecs[0].get("name") != "bytes"
+            or grid is None or tuple(grid) != shape or encoding.get("name") != "default"
             or (encoding.get("configuration") or {}).get("separator", "/") != "/"
         ):
             return None
+        little = (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<" if little else ">")
+        return dtype, shape, f"{key}/c/" + "/".join("0" * len(shape))
+
+    def _small_array(self, key: str) -> np.ndarray:
+        """A small array (coords, origin, foreground) read as raw bytes when it is one raw chunk:
+        one small read instead of zarr's round trips (~0.1 ms instead of ~1 ms an array)."""
+        layout = self._raw_chunk_layout(key)
+        if layout is not None:
+            dtype, shape, chunk_key = layout
+            data = self._read_bytes(chunk_key)
+            if data is not None and len(data) == dtype.itemsize * int(np.prod(shape)):
+                return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        return zarr.open_array(self._zarr_store, path=key, mode="r")[...]
+
+    def _memmap_regions(self, base: str) -> np.ndarray | None:
+        """The raw chunk as `np.memmap` when `regions` is one uncompressed uint8 chunk; else None."""
+        layout = self._raw_chunk_layout(f"{base}/{REGIONS}")
+        if layout is None:
+            return None
+        dtype, shape, chunk_key = layout
+        if len(shape) != 4 or dtype != np.uint8:
+            return None
         if shape[0] == 0:
             return np.zeros(shape, np.uint8)
-        path = os.path.join(self._root, *base.split("/"), REGIONS, "c", "0", "0", "0", "0")
+        path = os.path.join(self._root, *chunk_key.split("/"))
         try:
             size = os.path.getsize(path)
         except OSError:
             return None
-        # A full first chunk (grid[0] == n) is the raw C-order array, so mapping it is exact.
-        if grid[0] != shape[0] or size != int(np.prod(shape)):
+        if size != int(np.prod(shape)):
             return None
         return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
 

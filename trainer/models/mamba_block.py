@@ -102,7 +102,10 @@ class _Direction(nn.Module):
     def forward(self, x: Tensor, z: Tensor, *, backend: str) -> Tensor:
         """x, z: (B, d_inner, L) float32 → y: (B, d_inner, L) float32 (gated by silu(z))."""
         weight = self.conv1d.weight.squeeze(1).float()
-        x = causal_conv1d(x, weight, self.conv1d.bias.float(), activation="silu", backend=backend)
+        # The "cuda" scan backend uses causal-conv1d only if present (it is optional beside
+        # mamba-ssm): "auto" picks it on CUDA when it imports, F.conv1d otherwise.
+        conv_backend = "auto" if backend == "cuda" else backend
+        x = causal_conv1d(x, weight, self.conv1d.bias.float(), activation="silu", backend=conv_backend)
         # x_proj applied as three matmuls on the channels-first x: each result is already the
         # contiguous (B, ·, L) layout the scan takes, and no (B, L, dt_rank + 2N) tensor is kept.
         w_dt, w_b, w_c = torch.split(self.x_proj.weight.float(), [self.dt_rank, self.d_state, self.d_state], dim=0)

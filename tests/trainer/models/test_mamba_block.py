@@ -159,3 +159,26 @@ def test_dropped_branch_still_gives_every_parameter_a_zero_gradient() -> None:
     block(torch.randn(1, 12, 4), torch.zeros(1)).sum().backward()
     for name, p in block.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
+def test_forced_cuda_backend_runs_without_causal_conv1d(monkeypatch) -> None:
+    """ssm_backend="cuda" means mamba-ssm's scan, and causal-conv1d only *if present* (it is optional)."""
+    import trainer.models.mamba_block as mamba_block
+    from trainer.models.ssm import conv, selective_scan_fn
+
+    monkeypatch.setattr(conv, "_fused_causal_conv1d", None)  # mamba-ssm installed, causal-conv1d not
+    scan_backends = []
+
+    def fake_cuda_scan(*args, backend: str, **kwargs):
+        scan_backends.append(backend)
+        return selective_scan_fn(*args, backend="torch", **kwargs)
+
+    monkeypatch.setattr(mamba_block, "selective_scan_fn", fake_cuda_scan)
+    torch.manual_seed(4)
+    mixer = BidirectionalMamba(MambaBlockConfig(d_model=4, ssm_backend="cuda"))
+    reference = BidirectionalMamba(MambaBlockConfig(d_model=4, ssm_backend="torch"))
+    reference.load_state_dict(mixer.state_dict())
+    hidden = torch.randn(1, 9, 4)
+    out = mixer(hidden)  # the conv falls back to F.conv1d instead of raising
+    assert scan_backends == ["cuda", "cuda"]
+    torch.testing.assert_close(out, reference(hidden))
