@@ -156,7 +156,7 @@ def compose_slide(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     tissue: (h, w, 3) uint8 → (H, W, 3) uint8, sizes multiples of 16.
     """
-    cols, rows = int(rng.integers(2, 4)), 2
+    cols, rows = int(rng.integers(3, 5)), 2
     pieces = []
     for _ in range(rows * cols):
         piece = np.rot90(tissue, k=2 * int(rng.integers(0, 2)))

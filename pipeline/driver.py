@@ -68,10 +68,18 @@ class BuildSummary:
 
 
 def slide_task(row: ManifestRow, store_path: str, settings: ProcessSettings, known_fingerprint: str | None) -> SlideResult | None:
-    """One Dask task: None when the slide is complete with this fingerprint (skip), else
-    `process_slide`'s result (which never raises)."""
-    if known_fingerprint is not None and _fingerprint_or_none(row.path) == known_fingerprint:
-        return None
+    """One Dask task: None when the slide is complete and must be kept (skip), else
+    `process_slide`'s result (which never raises).
+
+    A complete slide is kept when its source still has the recorded fingerprint, and also
+    when the source cannot be opened now (a permission or network hiccup, a file being
+    copied): redoing it would fail and lose the complete slide (DESIGN.md §8). Only a
+    source that opens with another fingerprint is re-tiled.
+    """
+    if known_fingerprint is not None:
+        current = _fingerprint_or_none(row.path)
+        if current is None or current == known_fingerprint:
+            return None
     return process_slide(row, store_path, settings)
 
 
@@ -122,7 +130,7 @@ def build_store(
     tissue = tissue or TissueSettings()
     target_mpp = mpp_for_magnification(magnification)
     codec_attr = codec_settings(codec, **(codec_options or {}))
-    store_path = str(Path(out))
+    store_path = os.path.abspath(out)  # workers of a --scheduler cluster resolve paths on their own
     create_store(store_path, StoreAttrs(
         magnification=float(magnification), mpp=target_mpp, region_size=int(region_size),
         min_foreground=float(min_foreground), codec=codec_attr, segmentation=tissue.to_json(),

@@ -14,6 +14,7 @@ from pipeline.tissue import geojson_to_tissue
 
 TISSUE_COLOUR = (0, 160, 0)
 REGION_COLOUR = (30, 60, 230)
+BAND_PIXELS = 32 << 20  # level pixels per thumbnail read (~128 MiB of RGBA)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,8 +79,24 @@ def _thumbnail(source: str, origin: np.ndarray, step: float, tissue, max_side: i
         scale = min(1.0, max_side / max(width0, height0))
         size = (max(1, round(width0 * scale)), max(1, round(height0 * scale)))
         level = slide.get_best_level_for_downsample(1.0 / scale)
-        rgba = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+        picture = _read_level_scaled(slide, level, size, rgba_to_rgb_white)
     finally:
         slide.close()
-    picture = Image.fromarray(rgba_to_rgb_white(rgba)).resize(size, Image.Resampling.BOX)
     return picture, scale, ""
+
+
+def _read_level_scaled(slide, level: int, size: tuple[int, int], to_rgb) -> Image.Image:
+    """Level `level` resized to `size` (w, h), read in bands of ≤ BAND_PIXELS level pixels so
+    that a slide without a pyramid never loads its whole level 0 at once."""
+    width, height = slide.level_dimensions[level]
+    downsample = slide.level_downsamples[level]
+    band = max(1, BAND_PIXELS // max(1, width))
+    picture = Image.new("RGB", size, "white")
+    for top in range(0, height, band):
+        rows = min(band, height - top)
+        y0, y1 = round(top * size[1] / height), round((top + rows) * size[1] / height)
+        if y1 <= y0:
+            continue
+        rgba = np.asarray(slide.read_region((0, round(top * downsample)), level, (width, rows)))
+        picture.paste(Image.fromarray(to_rgb(rgba)).resize((size[0], y1 - y0), Image.Resampling.BOX), (0, y0))
+    return picture

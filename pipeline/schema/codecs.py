@@ -178,7 +178,7 @@ def decode_jpeg(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
 class Jpeg8Codec(ArrayBytesCodec):
     """Zarr v3 array-to-bytes codec `pixel_mamba.jpeg8`: lossy JPEG for `(..., H, W, 3) uint8` chunks.
 
-    quality: JPEG quality 1..100 (90 keeps tissue at ~36 dB PSNR).
+    quality: JPEG quality 1..100 (90: ~30 dB PSNR, 6–8× smaller on tissue, measured in bench/store_io.py).
     """
 
     is_fixed_size = False

@@ -83,6 +83,24 @@ def test_build_then_resume_skips_complete_slides(tmp_path, slides):
     _assert_each_complete_once(out, {"s0", "s1", "s2"})
 
 
+def test_complete_slide_is_kept_when_its_source_cannot_be_opened_on_rerun(tmp_path, slides):
+    manifest, out = _manifest(tmp_path, slides), tmp_path / "st.zarr"
+    assert _build(manifest, out).ok
+    before = read_table(out).slides["s1"]
+    Path(slides[1][1]).write_bytes(b"being copied")  # unreadable now: redoing it would fail
+    again = _build(manifest, out)
+    assert again.ok and set(again.skipped) == {"s0", "s1", "s2"}
+    assert read_table(out).slides["s1"] == before
+    _assert_each_complete_once(out, {"s0", "s1", "s2"})
+
+
+def test_relative_store_path_is_made_absolute(tmp_path, slides, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = _build(_manifest(tmp_path, slides), Path("rel.zarr"))
+    assert summary.ok and Path(summary.store_path).is_absolute()
+    assert summary.store_path == str(tmp_path / "rel.zarr")
+
+
 def test_failures_are_recorded_with_specific_reasons(tmp_path, slides, monkeypatch):
     (tmp_path / "notes.tif").write_text("this is not a slide")
     good = Path(slides[0][1]).read_bytes()
