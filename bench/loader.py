@@ -389,8 +389,8 @@ def docs_section(results: list[Result], info: dict[str, Any], config: BenchConfi
         f"{config.seconds:g} s in {config.rounds} rotated rounds, best round reported. Stored bytes: "
         f"none {mib['none']:.0f} MiB, zstd {mib['zstd']:.0f} MiB, jpeg q90 {mib['jpeg']:.0f} MiB, "
         f"pyramidal JPEG TIFFs {mib['tiff']:.0f} MiB. Every sample is copied into a reused contiguous "
-        "buffer (baseline too). The machine is shared (other jobs were running on its 2 cores): "
-        "timings are noisy, read them as ±30 %.",
+        "buffer (baseline too). Single runs on a cloud VM: "
+        "read the timings as ±20 %.",
         "",
         table(results),
         "",
@@ -401,8 +401,8 @@ def docs_section(results: list[Result], info: dict[str, Any], config: BenchConfi
         f"bytes, no zarr): {rate['raw shard decode jpeg (no zarr)']:,.0f} regions/s.",
         f"- `reader read_slide only`: {slides['reader read_slide only (none)']:.0f} slides/s, i.e. "
         f"{1e3 / slides['reader read_slide only (none)']:.1f} ms per slide for `open_store(...).read_slide` "
-        "without touching the regions (slide attributes + the coords/origin/foreground arrays through "
-        "zarr): the fixed per-slide cost on top of the baseline.",
+        "without touching the regions (the table row + the coords/origin/foreground arrays read "
+        "as raw chunks): the fixed per-slide cost on top of the baseline.",
         f"- Read-only map (`mode r`) vs copy-on-write (`mode c`, the baseline and the dataset): "
         f"{rate['numpy memmap mode r + from_numpy'] / base:.2f}× the rate.",
         "- With workers, a sample crosses to the main process through shared memory (one copy); "
