@@ -13,8 +13,17 @@ from pipeline.schema.format import MAGNIFICATION_TO_MPP, REGIONS, SLIDES_GROUP
 MAGNIFICATIONS = [f"{m:g}" for m in MAGNIFICATION_TO_MPP]
 
 
+EXIT_SLIDES_FAILED = 1  # the build ran; some slides failed (listed in the summary and the store)
+EXIT_BAD_INPUT = 2  # nothing was done: bad manifest, store or settings (click's usage errors use 2 too)
+
+
+class InputError(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+
 def _clean_errors(function):
-    """Turn expected errors (bad manifest, bad store, bad settings) into one-line CLI errors."""
+    """Turn expected errors (bad manifest, bad store, bad settings) into one-line CLI errors
+    with exit status 2, distinct from 1 = "the build ran and some slides failed"."""
     import functools
 
     from pipeline.manifest import ManifestError
@@ -24,7 +33,7 @@ def _clean_errors(function):
         try:
             return function(*args, **kwargs)
         except (ManifestError, TileStoreError, ValueError) as error:
-            raise click.ClickException(str(error)) from None
+            raise InputError(str(error)) from None
 
     return wrapper
 
@@ -51,7 +60,8 @@ def main() -> None:
 @_clean_errors
 def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
           region_size, pen_filter, progress) -> None:
-    """Tile every slide of MANIFEST into the store OUT (resumes; exit code 1 when any slide failed)."""
+    """Tile every slide of MANIFEST into the store OUT (resumes; exit status 1 when any slide
+    failed, 2 when bad input stopped the build before any work)."""
     from pipeline.driver import build_store
     from pipeline.tissue import TissueSettings
 
@@ -71,7 +81,7 @@ def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality,
     )
     click.echo(summary.format())
     if not summary.ok:
-        sys.exit(1)
+        sys.exit(EXIT_SLIDES_FAILED)
 
 
 @main.command()

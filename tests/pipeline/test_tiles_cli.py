@@ -62,12 +62,12 @@ def test_errors_print_cleanly(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("slide_id,path\nbad id!,missing.svs\n")
     result = runner.invoke(main, _build_args(manifest, tmp_path / "st.zarr"))
-    assert result.exit_code == 1 and "Error: manifest" in result.output and "line 2" in result.output
+    assert result.exit_code == 2 and "Error: manifest" in result.output and "line 2" in result.output
     assert "Traceback" not in result.output
     info = runner.invoke(main, ["info", str(tmp_path)])
-    assert info.exit_code == 1 and "not a tile store" in info.output
+    assert info.exit_code == 2 and "not a tile store" in info.output
     option = runner.invoke(main, _build_args(manifest, tmp_path / "st.zarr", "--jpeg-quality", "80"))
     assert option.exit_code == 2 and "--jpeg-quality needs --codec jpeg" in option.output
     store = make_store(tmp_path / "other.zarr", "jpeg")
     mismatch = runner.invoke(main, _build_args(_manifest(tmp_path), store))
-    assert mismatch.exit_code == 1 and "different settings" in mismatch.output
+    assert mismatch.exit_code == 2 and "different settings" in mismatch.output
