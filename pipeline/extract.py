@@ -7,7 +7,7 @@ decodes less than square blocks around irregular tissue; OpenSlide's tile cache 
 widened so that tiles shared by two grid rows are decoded once.
 
 Resizing a footprint of f·R level pixels to R:
-- f within 1 % of 1 (an exact level): the R×R pixels at the rounded footprint origin;
+- f within 1 % of 1 (an exact level): the R×R pixels at the footprint origin rounded half up;
 - f an integer k and the footprint on whole pixels: the exact k×k block mean, rounded half up;
 - otherwise: PIL's BOX filter over the float footprint box (an area average whose
   edge pixels count whole or not at all, with 8-bit rounding between its two passes).
@@ -65,7 +65,9 @@ def resize_footprint(block: np.ndarray, box: _Footprint, region_size: int, exact
     """
     size = region_size
     if exact_level:
-        x, y = round(box.x0), round(box.y0)
+        # Half up, not Python's half-to-even: box coordinates are relative to the block's integer
+        # corner, so half-to-even would pick a different pixel for the same region in another block.
+        x, y = math.floor(box.x0 + 0.5), math.floor(box.y0 + 0.5)
         return np.ascontiguousarray(block[y : y + size, x : x + size])
     factor = (box.x1 - box.x0) / size
     if _is_integer(factor) and _is_integer(box.x0) and _is_integer(box.y0):
@@ -152,8 +154,8 @@ def iter_regions(
             xb = math.ceil(fx[members].max() + reach - INTEGER_TOLERANCE)
             yb = math.ceil(fy[members].max() + reach - INTEGER_TOLERANCE)
             if exact_level:
-                xb = max(xb, int(np.round(fx[members]).max()) + region_size)
-                yb = max(yb, int(np.round(fy[members]).max()) + region_size)
+                xb = max(xb, int(np.floor(fx[members] + 0.5).max()) + region_size)
+                yb = max(yb, int(np.floor(fy[members] + 0.5).max()) + region_size)
             block = read_rgb(slide, (round(xa * downsample), round(ya * downsample)), level, (xb - xa, yb - ya))
             for i in members:
                 box = _Footprint(x0=fx[i] - xa, y0=fy[i] - ya, x1=fx[i] - xa + span, y1=fy[i] - ya + span)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.schema.format import TEMP_PREFIX
+
 REQUIRED_COLUMNS = ("slide_id", "path")
 KNOWN_COLUMNS = ("slide_id", "path", "label", "split", "case_id", "mpp", "tissue_geojson")
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -105,6 +107,11 @@ def load_manifest(path: str | Path) -> list[ManifestRow]:
             bad.append("empty slide_id")
         elif not SLIDE_ID_PATTERN.fullmatch(slide_id):
             bad.append(f"slide_id {slide_id!r} has characters outside [A-Za-z0-9._-]")
+        elif slide_id in (".", "..") or slide_id.startswith(TEMP_PREFIX):
+            bad.append(
+                f"slide_id {slide_id!r} cannot be a store key ('.' and '..' are path parts; "
+                f"'{TEMP_PREFIX}' names the store's temporary groups)"
+            )
         elif slide_id in first_line:
             bad.append(f"duplicate slide_id {slide_id!r} (first on line {first_line[slide_id]})")
         else:

@@ -35,6 +35,7 @@ from pipeline.schema.format import (
     ROOT_ATTR_KEY,
     SLIDE_TABLE,
     SLIDES_GROUP,
+    TEMP_PREFIX,
     StoreAttrs,
 )
 
@@ -66,8 +67,9 @@ def create_store(path: str | os.PathLike, attrs: StoreAttrs) -> StoreAttrs:
                 "use another --out path or delete the old store"
             )
         return existing
-    # A zarr.json without root attributes is an interrupted creation: finish it.
-    if root.exists() and any(root.iterdir()) and not (root / "zarr.json").exists():
+    # A zarr.json without root attributes, or only what this function writes before it, is an
+    # interrupted creation: finish it.
+    if root.exists() and not (root / "zarr.json").exists() and not _creation_leftovers_only(root):
         raise NotATileStoreError(f"{root} is a non-empty folder that is not a zarr store; refusing to write into it")
     root.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(root / SLIDES_GROUP / "zarr.json", _group_metadata({}))
@@ -75,6 +77,21 @@ def create_store(path: str | os.PathLike, attrs: StoreAttrs) -> StoreAttrs:
         write_table(root, SlideTable())
     _write_json_atomic(root / "zarr.json", _group_metadata({ROOT_ATTR_KEY: attrs.to_json()}))
     return attrs
+
+
+def _creation_leftovers_only(root: Path) -> bool:
+    """True when `root` holds nothing but what `create_store` writes before the root
+    attributes (the `slides` group metadata and the empty table, or their files set aside)."""
+    def own(name: str, finals: tuple[str, ...]) -> bool:
+        return name in finals or any(name.startswith(f"{final}.tmp-") for final in finals)
+
+    for entry in root.iterdir():
+        if entry.name == SLIDES_GROUP and entry.is_dir():
+            if not all(own(child.name, ("zarr.json",)) and child.is_file() for child in entry.iterdir()):
+                return False
+        elif not (entry.is_file() and own(entry.name, (SLIDE_TABLE, "zarr.json"))):
+            return False
+    return True
 
 
 def _attrs_or_none(root: Path) -> StoreAttrs | None:
@@ -120,8 +137,11 @@ def write_slide(
     Raises SlideWriteError (nothing committed) when the stream has the wrong length,
     a region the wrong shape/dtype, or attrs lack source_path/fingerprint.
     """
-    if not SLIDE_ID_PATTERN.match(slide_id):
-        raise SlideWriteError(f"slide id {slide_id!r} is not allowed: use only letters, digits, '.', '_' and '-'")
+    if not SLIDE_ID_PATTERN.match(slide_id) or slide_id in (".", "..") or slide_id.startswith(TEMP_PREFIX):
+        raise SlideWriteError(
+            f"slide id {slide_id!r} is not allowed: use only letters, digits, '.', '_' and '-', "
+            f"not '.' or '..', and not starting with '{TEMP_PREFIX}'"
+        )
     missing = [key for key in REQUIRED_SLIDE_ATTRS if key not in attrs]
     if missing:
         raise SlideWriteError(f"slide {slide_id!r}: attrs lack {missing} (the slide table is rebuilt from them)")

@@ -150,6 +150,11 @@ def run_supervised(**options: Any) -> Path:
         overrides["region_fusion"] = False
     model = _build_model(model_name, overrides)
     normalization = {"mean": list(model.config.pixel_mean), "std": list(model.config.pixel_std)}
+    if resume_payload is not None:
+        try:
+            ckpt.check_normalization(resume_payload, mean=normalization["mean"], std=normalization["std"])
+        except ckpt.CheckpointError as exc:
+            raise click.ClickException(f"--resume: {exc}") from None
     if init_payload is not None:
         _init_encoder(model, init_payload, normalization, env)
 

@@ -98,9 +98,11 @@ def temp_group_name(slide_id: str) -> str:
 def commit_group(store_path: str | os.PathLike, temp_name: str, slide_id: str) -> Path:
     """Make `slides/<temp_name>` visible as `slides/<slide_id>` in one rename.
 
-    An existing group of that id (a slide being redone) is first renamed to a temporary
-    name, so a crash at any point leaves either group complete or a leftover that
-    `reconcile` removes. Returns the committed group's path.
+    An existing group of that id (a slide being redone) is swapped with the new one in one
+    step where the OS can (Linux `renameat2(RENAME_EXCHANGE)`), so `slides/<slide_id>` is
+    complete at every moment and the old group is a leftover that `reconcile` removes;
+    elsewhere it is first renamed aside (a crash between the two renames loses the slide
+    until it is redone). Returns the committed group's path.
     """
     slides = Path(store_path) / SLIDES_GROUP
     source, target = slides / temp_name, slides / slide_id
@@ -108,13 +110,43 @@ def commit_group(store_path: str | os.PathLike, temp_name: str, slide_id: str) -
         raise SlideWriteError(f"cannot commit slide {slide_id!r}: temporary group {source} does not exist")
     old = None
     if target.exists():
-        old = slides / temp_group_name(slide_id)
-        os.rename(target, old)
-    os.rename(source, target)
+        if _exchange(source, target):
+            old = source  # now holds the replaced group: a leftover `reconcile` removes
+        else:  # no atomic exchange here (not Linux, or a filesystem without it): two renames
+            old = slides / temp_group_name(slide_id)
+            os.rename(target, old)
+            os.rename(source, target)
+    else:
+        os.rename(source, target)
     _fsync_dir(slides)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False when unsupported,
+    so that replacing a slide's group never leaves a moment with no `slides/<slide_id>`."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(a), None, os.fspath(b))
 
 
 def group_attributes(group_path: str | os.PathLike) -> dict[str, Any]:

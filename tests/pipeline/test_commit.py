@@ -96,3 +96,46 @@ def test_commit_replaces_existing_group_without_leftovers(tmp_path):
     (slides / temp / "new").write_text("new")
     commit.commit_group(tmp_path, temp, "a")
     assert os.listdir(slides) == ["a"] and os.listdir(slides / "a") == ["new"]
+
+
+def _group_pair(tmp_path):
+    slides = tmp_path / "slides"
+    (slides / "a").mkdir(parents=True)
+    (slides / "a" / "old").write_text("old")
+    temp = commit.temp_group_name("a")
+    (slides / temp).mkdir()
+    (slides / temp / "new").write_text("new")
+    return slides, temp
+
+
+def test_replacing_a_group_never_leaves_the_slide_missing(tmp_path, monkeypatch):
+    # A kill at any step of replacing slides/a (a redone slide) must leave slides/a complete:
+    # the table still lists it, and readers trust the table.
+    slides, temp = _group_pair(tmp_path)
+    real_rename, calls = os.rename, []
+
+    def killed_on_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+
+    def killed_before_cleanup(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(commit.os, "rename", killed_on_second_rename)
+    monkeypatch.setattr(commit.shutil, "rmtree", killed_before_cleanup)
+    with pytest.raises(KeyboardInterrupt):
+        commit.commit_group(tmp_path, temp, "a")
+    monkeypatch.undo()
+    assert os.listdir(slides / "a") == ["new"]
+    leftovers = [name for name in os.listdir(slides) if name != "a"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-a-")
+    assert os.listdir(slides / leftovers[0]) == ["old"]
+
+
+def test_commit_without_atomic_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
+    slides, temp = _group_pair(tmp_path)
+    monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
+    commit.commit_group(tmp_path, temp, "a")
+    assert os.listdir(slides) == ["a"] and os.listdir(slides / "a") == ["new"]

@@ -93,6 +93,22 @@ def test_small_blocks_and_sparse_tissue_give_the_same_regions_in_row_major_order
         np.testing.assert_array_equal(a, b)
 
 
+def test_exact_level_half_pixel_origins_do_not_depend_on_the_read_blocks(tmp_path):
+    # mpp0 0.2505 → 1 µm/px needs downsample 3.992: level 2 (ds 4) is exact within 1 %; the
+    # step 894.208 gives origin x 894, i.e. level x 223.5, a tie. The region must not change
+    # with the block it is read in (half-to-even rounding relative to the block did).
+    path = tmp_path / "tie.tif"
+    image = write_synthetic_slide(path, width=3600, height=900, mpp=0.2505, levels=(1, 2, 4), tissue_rects=[(0, 0, 3600, 900)])
+    grid, level, factor, together = _extract(path, 1.0)
+    _, _, _, apart = _extract(path, 1.0, block_px=1)
+    assert (level, factor, len(grid)) == (2, 1.0, 4) and grid.origin[1, 0] == 894
+    level2 = block_mean(image, 4)
+    for (x, y), a, b in zip(grid.origin, together, apart):
+        np.testing.assert_array_equal(a, b)
+        x2, y2 = int(np.floor(x / 4 + 0.5)), int(np.floor(y / 4 + 0.5))
+        np.testing.assert_array_equal(a, level2[y2 : y2 + R, x2 : x2 + R])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("target_mpp", "low", "high"), [(2.0, 1, 3), (1.0, 7, 11)])
 def test_real_slide_regions_match_independent_reads(real_slide_path, target_mpp, low, high):

@@ -66,6 +66,18 @@ def test_every_bad_row_is_reported_with_its_line(tmp_path):
     assert "line 8: empty slide_id" in text
 
 
+def test_ids_that_are_not_store_keys_are_rejected(tmp_path):
+    # '.' and '..' match [A-Za-z0-9._-]+ but are path parts (slides/.. is the store root), and
+    # '.tmp-…' is the temporary-group namespace that every run's reconcile deletes.
+    _touch(tmp_path / "ok.svs")
+    manifest = tmp_path / "keys.csv"
+    manifest.write_text("slide_id,path\nfine.1,ok.svs\n.,ok.svs\n..,ok.svs\n.tmp-x,ok.svs\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    assert {line for line, _ in caught.value.problems} == {3, 4, 5}
+    assert "line 5: slide_id '.tmp-x' cannot be a store key" in str(caught.value)
+
+
 def test_missing_required_column_and_missing_manifest(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("slide_id,label\na,x\n")

@@ -78,6 +78,10 @@ def test_bad_inputs_get_specific_errors(tmp_path):
               attrs={"source_path": "x", "fingerprint": "f"})
     with pytest.raises(SlideWriteError, match="not allowed"):
         write_slide(store, "bad/id", regions=iter(smooth_regions(1)), **ok)
+    for reserved in (".", "..", ".tmp-x"):  # path parts, and the temporary groups' namespace
+        with pytest.raises(SlideWriteError, match="not allowed"):
+            write_slide(store, reserved, regions=iter(smooth_regions(1)), **ok)
+    assert sorted(p.name for p in (store / "slides").iterdir()) == ["zarr.json"]
     with pytest.raises(SlideWriteError, match=r"expected \(16, 16, 3\)"):
         write_slide(store, "d", regions=iter([np.zeros((8, 8, 3), np.uint8)]), **ok)
     with pytest.raises(SlideWriteError, match="uint8"):
@@ -134,3 +138,32 @@ def test_interrupted_creation_is_finished(tmp_path):
         read_store_attrs(store)
     created = create_store(store, store_attrs("jpeg"))
     assert read_store_attrs(store) == created and read_table(store).slides == {}
+
+
+def test_creation_killed_before_the_root_attributes_is_finished(tmp_path, monkeypatch):
+    # create_store writes slides/zarr.json and slides.json first and the root zarr.json last:
+    # a kill just before the last write must not leave a folder the next run refuses.
+    from pipeline import store_writer
+
+    store = tmp_path / "s.zarr"
+    real = store_writer._write_json_atomic
+
+    def killed_before_root(path, data):
+        if path == store / "zarr.json":
+            raise KeyboardInterrupt("killed")
+        real(path, data)
+
+    monkeypatch.setattr(store_writer, "_write_json_atomic", killed_before_root)
+    with pytest.raises(KeyboardInterrupt):
+        create_store(store, store_attrs("none"))
+    monkeypatch.undo()
+    with pytest.raises(NotATileStoreError, match="creation was interrupted"):
+        read_store_attrs(store)
+    created = create_store(store, store_attrs("none"))
+    assert read_store_attrs(store) == created and read_table(store).slides == {}
+    # A folder that only looks similar is still refused.
+    other = tmp_path / "other"
+    (other / "slides").mkdir(parents=True)
+    (other / "slides" / "a.svs").write_bytes(b"x")
+    with pytest.raises(NotATileStoreError, match="not a zarr store"):
+        create_store(other, store_attrs("none"))

@@ -137,3 +137,15 @@ def test_shipped_recipes_parse(recipe) -> None:
     augment, mix = augment_configs(loaded)
     if "augment" in loaded:
         assert augment.rand_augment is not None and mix is not None and mix.label_smoothing == 0.1
+
+
+def test_resume_refuses_another_input_normalisation(stain_store, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = run("--store", str(stain_store), "--out", str(out), *FAST, "--max-steps", "1", "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[model]\npixel_mean = [0.5, 0.5, 0.5]\n")
+    resumed = run("--store", str(stain_store), "--out", str(out), "--resume", str(out / "last.pt"),
+                  "--config", str(recipe), "--max-steps", "2", "--workers", "0", "--device", "cpu")
+    assert resumed.exit_code != 0 and "--resume: checkpoint normalises inputs with mean" in resumed.output
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1

@@ -86,6 +86,13 @@ class LoopConfig:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("log_every", "validate_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: only at epoch ends), got {self.checkpoint_every}")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0 or None: no clipping), got {self.clip_grad}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
 
@@ -128,9 +135,23 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for `amp` on `device`; None = fp32."""
     if device.type != "cuda" or amp == "none":
         return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto":  # native bf16 (Ampere+); pre-Ampere GPUs only emulate it (slowly): fp16 + GradScaler there
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def best_mode_for(metric: str | None, objective: Objective) -> str:
+    """"min" or "max" for the metric that picks `best.pt`.
+
+    The objective's `best_mode` describes its `default_best_metric`; a loss chosen
+    instead ("loss", "*_loss") improves downwards, any other metric upwards.
+    """
+    if metric is not None and (metric == "loss" or metric.endswith("_loss")):
+        return "min"
+    if metric == objective.default_best_metric:
+        return objective.best_mode
+    return "max"
 
 
 def sample_generator(seed: int, epoch: int, position: int, rank: int) -> torch.Generator:
@@ -183,7 +204,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(loop_config.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.best_metric = loop_config.best_metric or objective.default_best_metric
-        self.best_mode = objective.best_mode
+        self.best_mode = best_mode_for(self.best_metric, objective)
         self.state = TrainState()
 
     # ----------------------------------------------------------------- set-up
@@ -279,11 +300,14 @@ class Trainer:
             ) from exc
         if payload.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(payload["scaler"])
+        metrics = payload.get("metrics") or {}
+        # a best value of another metric (the recipe's best_metric changed) is no yardstick for this one
+        same_metric = metrics.get("best_metric", self.best_metric) == self.best_metric
         self.state = TrainState(
             step=int(payload["step"]),
             epoch=int(payload["epoch"]),
             position=int(payload["position"]),
-            best_value=(payload.get("metrics") or {}).get("best_value"),
+            best_value=metrics.get("best_value") if same_metric else None,
         )
         ckpt.restore_rng_state(payload["rng"])
 
@@ -462,7 +486,9 @@ class Trainer:
         was_training = objective.training
         objective.eval()
         records: list[dict[str, Any]] = []
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        devices = []
+        if self.device.type == "cuda":  # "cuda" without an index (torchrun) is this rank's current device
+            devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         with torch.random.fork_rng(devices=devices):
             for sample in self.val_source.iterate(0, 0):
                 with self._autocast():

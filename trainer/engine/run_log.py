@@ -50,7 +50,8 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step if start_step else None)
+            # events from steps after the resumed one are dropped; start_step's own rows stay (as in the CSV)
+            self._writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step + 1 if start_step else None)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 

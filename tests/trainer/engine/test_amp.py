@@ -21,6 +21,16 @@ def test_cpu_is_always_fp32() -> None:
         assert resolve_amp(amp, torch.device("cpu")) is None
 
 
+def test_auto_picks_bf16_only_where_the_gpu_has_it_natively(monkeypatch) -> None:
+    cuda = torch.device("cuda")
+    # a V100/T4: bf16 works only by emulation, so "auto" must take fp16 (+ GradScaler)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_amp("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100
+    assert resolve_amp("auto", cuda) == torch.bfloat16
+    assert resolve_amp("fp16", cuda) == torch.float16 and resolve_amp("none", cuda) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

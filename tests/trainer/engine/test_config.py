@@ -35,3 +35,17 @@ def test_errors_name_the_problem(tmp_path) -> None:
         load_recipe(tmp_path / "odd.toml")
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("validate_every", 0, "validate_every must be >= 1"),  # else a ZeroDivisionError at the first epoch's end
+        ("log_every", 0, "log_every must be >= 1"),  # else a ZeroDivisionError at the first step
+        ("checkpoint_every", -5, "checkpoint_every must be >= 0"),
+        ("clip_grad", -3.0, "clip_grad must be >= 0"),  # a negative norm would flip the gradients
+    ],
+)
+def test_loop_values_that_would_break_a_run_are_refused(key, value, message) -> None:
+    with pytest.raises(RecipeError, match=message):
+        section({"loop": {key: value}}, "loop", LoopConfig)

@@ -161,3 +161,44 @@ def test_param_group_hints_get_their_own_groups(tmp_path) -> None:
     apply_schedule_values(trainer.optimizer, lr=1e-3, weight_decay=0.1)
     assert groups["encoder.cls_token"]["lr"] == pytest.approx(1e-2) and groups["decay"]["lr"] == 1e-3
     assert groups["encoder.cls_token"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+
+
+def test_best_checkpoint_on_a_loss_keeps_the_lowest(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, best_metric="loss")  # supervised objective: best_mode "max" for qwk/bacc
+    assert trainer.best_mode == "min"
+    assert trainer._is_better({"loss": 0.5, "accuracy": 0.5})
+    assert not trainer._is_better({"loss": 0.7, "accuracy": 0.9})
+    assert trainer._is_better({"loss": 0.3, "accuracy": 0.1}) and trainer.state.best_value == 0.3
+    assert make_trainer(tmp_path / "acc", best_metric="accuracy").best_mode == "max"
+
+
+def test_validation_forks_the_rng_of_this_ranks_gpu(tmp_path, monkeypatch) -> None:
+    """Under torchrun the device is "cuda" (no index) and the rank's GPU is the current device."""
+    trainer = make_trainer(tmp_path)
+    trainer.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    forked = []
+
+    class Forked(Exception):
+        pass
+
+    def fork_rng(devices=(), **kwargs):
+        forked.append(list(devices))
+        raise Forked
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    with pytest.raises(Forked):
+        trainer.validate()
+    assert forked == [[3]]  # not GPU 0, which belongs to rank 0
+
+
+def test_resume_keeps_the_best_value_only_for_the_same_metric(tmp_path) -> None:
+    first = make_trainer(tmp_path / "a", max_steps=2).fit()  # one epoch, validated: best balanced_accuracy
+    payload = load_checkpoint(first.last_checkpoint)
+    assert payload["metrics"]["best_metric"] == "balanced_accuracy" and payload["metrics"]["best_value"] is not None
+    same = make_trainer(tmp_path / "b")
+    same.load_state(payload)
+    assert same.state.best_value == payload["metrics"]["best_value"]
+    other = make_trainer(tmp_path / "c", best_metric="loss")  # e.g. a 1.0 accuracy must not become the loss to beat
+    other.load_state(payload)
+    assert other.state.best_value is None
