@@ -365,7 +365,8 @@ class Trainer:
         self.state.epoch += 1
         self.state.position = 0
         improved = False
-        if self.val_source is not None and (finished + 1) % self.config.validate_every == 0:
+        due = (finished + 1) % self.config.validate_every == 0 or finished + 1 == self.config.epochs
+        if self.val_source is not None and due:
             metrics = self.validate()
             if metrics:
                 logger.log("val", self.state.step, finished, metrics)

@@ -202,3 +202,8 @@ def test_resume_keeps_the_best_value_only_for_the_same_metric(tmp_path) -> None:
     other = make_trainer(tmp_path / "c", best_metric="loss")  # e.g. a 1.0 accuracy must not become the loss to beat
     other.load_state(payload)
     assert other.state.best_value is None
+
+
+def test_last_epoch_always_validates(tmp_path) -> None:
+    result = make_trainer(tmp_path, epochs=3, validate_every=2).fit()
+    assert [v["epoch"] for v in result.validations] == [1, 2]  # every 2nd epoch, and the last
