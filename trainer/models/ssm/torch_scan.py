@@ -18,29 +18,121 @@ Backward recomputes each chunk's states from the chunk-boundary states saved
 by forward, walking the chunks in reverse and carrying the adjoint state
 (a reverse scan of the same kind). Saved for backward: the inputs and one
 (batch, d_inner, d_state) state per chunk.
+
+Threads. On CPU every op works on one block — a chunk of tokens times a block
+of channels — of fewer than ``SERIAL_ELEMENTS`` elements, torch's intra-op
+grain size, so each op runs on the calling thread and none opens an OpenMP
+parallel region. The scan is a long run of small dependent ops (thousands per
+call); with more than one intra-op thread each larger op would be a parallel
+region ending in a barrier, which costs more than it saves at these sizes and,
+on a loaded machine where one team thread waits for a core, stalls for a
+scheduler time slice — measured 2.6 s instead of 0.04 s for one forward at
+L = 50,177, d_inner 6 on 2 cores with one core busy. Blocks this size also
+stay in L2. The ops of a block's scan are planned once per block shape
+(``_Workspace``: buffers and pre-cut views reused by every chunk), so the
+Python cost per chunk is a flat list of op calls, not the slicing.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
-"""Target size of one (chunk, batch, d_inner, d_state) work tensor, in elements: ~1 MiB,
-so a chunk's handful of work tensors stays in a CPU core's L2 cache (tuned on 2 cores)."""
+SERIAL_ELEMENTS = 1 << 15
+"""torch's intra-op grain size (at::internal::GRAIN_SIZE): an elementwise op or reduction
+on fewer elements runs on the calling thread, without a parallel region."""
+DEFAULT_CHUNK_ELEMENTS = SERIAL_ELEMENTS - 1
+"""Target size of one (chunk, batch, d_inner, d_state) work block on CPU, in elements: just under
+``SERIAL_ELEMENTS`` (~128 KiB, so a block's handful of buffers also stays in L2). Where even
+``MIN_CHUNK`` tokens of all channels are more, the chunk is split into channel blocks."""
 CUDA_CHUNK_ELEMENTS = 1 << 22
 """The same on a GPU, where fewer, larger kernels matter more than cache (untuned)."""
 
-MIN_CHUNK = 16
+MIN_CHUNK = 32
 MAX_CHUNK = 2048
+
+Op = tuple[Callable[..., object], tuple[Tensor, ...]]
 
 
 def chunk_length(batch: int, d_inner: int, d_state: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
-    """Tokens per chunk: a power of two with chunk·batch·d_inner·d_state ≈ chunk_elements."""
+    """Tokens per chunk: a power of two with chunk·batch·d_inner·d_state ≤ chunk_elements, clamped to [MIN_CHUNK, MAX_CHUNK]."""
     per_token = max(1, batch * d_inner * d_state)
     t = max(1, chunk_elements // per_token)
     t = 1 << (t.bit_length() - 1)
     return int(min(MAX_CHUNK, max(MIN_CHUNK, t)))
+
+
+def channel_blocks(chunk: int, batch: int, d_inner: int, d_state: int, block_elements: int) -> list[tuple[int, int]]:
+    """Split d_inner into equal-as-possible [c0, c1) blocks with chunk·batch·(c1 − c0)·d_state ≤ block_elements
+    (one channel per block at least)."""
+    per_channel = max(1, chunk * batch * d_state)
+    size = max(1, min(d_inner, block_elements // per_channel))
+    n_blocks = -(-d_inner // size)
+    size = -(-d_inner // n_blocks)
+    return [(c, min(d_inner, c + size)) for c in range(0, d_inner, size)]
+
+
+def _run(ops: list[Op]) -> None:
+    for op, args in ops:
+        op(*args)
+
+
+def _scan_ops(decay: Tensor, x: Tensor) -> list[Op]:
+    """The ops of ``linear_scan(decay, x)`` as a flat list over views of decay, x and fresh scratch buffers.
+
+    Running the list (in order) scans whatever decay and x hold at that time, in place in x;
+    the list can be run again after refilling them.
+    """
+    ops: list[Op] = []
+
+    def plan(decay: Tensor, x: Tensor) -> None:
+        T = x.shape[0]
+        if T == 1:
+            return
+        P = T // 2
+        # Pair i holds steps (2i, 2i+1); its state h_{2i+1} is scanned in place in x's odd rows.
+        h_odd = x[1 : 2 * P : 2]
+        ops.append((Tensor.addcmul_, (h_odd, decay[0 : 2 * P : 2], x[0 : 2 * P : 2])))
+        if P > 1:
+            pair_decay = decay.new_empty((P - 1, *decay.shape[1:]))
+            ops.append((partial(torch.mul, out=pair_decay), (decay[2 : 2 * P : 2], decay[1 : 2 * P - 1 : 2])))
+            plan(pair_decay, h_odd)
+        n_even = (T + 1) // 2 - 1  # even steps 2, 4, ... ≤ T − 1
+        if n_even > 0:
+            ops.append((Tensor.addcmul_, (x[2::2], decay[1::2][:n_even], h_odd[:n_even])))
+
+    plan(decay, x)
+    return ops
+
+
+def _scan_reverse_ops(decay: Tensor, x: Tensor) -> list[Op]:
+    """The ops of ``linear_scan_reverse(decay, x)`` as a flat list, like ``_scan_ops``."""
+    ops: list[Op] = []
+
+    def plan(decay: Tensor, x: Tensor) -> None:
+        T = x.shape[0]
+        if T == 1:
+            return
+        if T % 2:
+            # Fold the unpaired last step into its neighbour; g_{T−1} = x_{T−1} already.
+            ops.append((Tensor.addcmul_, (x[T - 2], decay[T - 2], x[T - 1])))
+            plan(decay[: T - 2], x[: T - 1])
+            return
+        P = T // 2
+        # Pair i holds steps (2i, 2i+1); its state g_{2i} is scanned in place in x's even rows.
+        g_even = x[0::2]
+        ops.append((Tensor.addcmul_, (g_even, decay[0::2], x[1::2])))
+        if P > 1:
+            pair_decay = decay.new_empty((P - 1, *decay.shape[1:]))
+            ops.append((partial(torch.mul, out=pair_decay), (decay[0::2][: P - 1], decay[1::2])))
+            plan(pair_decay, g_even)
+            ops.append((Tensor.addcmul_, (x[1 : T - 1 : 2], decay[1::2], g_even[1:])))
+
+    plan(decay, x)
+    return ops
 
 
 def linear_scan(decay: Tensor, x: Tensor) -> Tensor:
@@ -49,17 +141,7 @@ def linear_scan(decay: Tensor, x: Tensor) -> Tensor:
     decay: (T − 1, ...) — decay[k − 1] links step k − 1 to step k; x: (T, ...).
     Returns h: (T, ...). Overwrites and returns ``x`` (callers pass a temporary).
     """
-    T = x.shape[0]
-    if T == 1:
-        return x
-    P = T // 2
-    # Pair i holds steps (2i, 2i+1); its state h_{2i+1} is scanned in place in x's odd rows.
-    h_odd = x[1 : 2 * P : 2]
-    h_odd.addcmul_(decay[0 : 2 * P : 2], x[0 : 2 * P : 2])
-    linear_scan(decay[2 : 2 * P : 2] * decay[1 : 2 * P - 1 : 2], h_odd)
-    n_even = (T + 1) // 2 - 1  # even steps 2, 4, ... ≤ T − 1
-    if n_even > 0:
-        x[2::2].addcmul_(decay[1::2][:n_even], h_odd[:n_even])
+    _run(_scan_ops(decay, x))
     return x
 
 
@@ -69,95 +151,129 @@ def linear_scan_reverse(decay: Tensor, x: Tensor) -> Tensor:
     decay: (T − 1, ...) — decay[k] links step k + 1 back to step k; x: (T, ...).
     Returns g: (T, ...). Overwrites and returns ``x``.
     """
-    T = x.shape[0]
-    if T == 1:
-        return x
-    if T % 2:
-        # Fold the unpaired last step into its neighbour; g_{T−1} = x_{T−1} already.
-        x[T - 2].addcmul_(decay[T - 2], x[T - 1])
-        linear_scan_reverse(decay[: T - 2], x[: T - 1])
-        return x
-    P = T // 2
-    # Pair i holds steps (2i, 2i+1); its state g_{2i} is scanned in place in x's even rows.
-    g_even = x[0::2]
-    g_even.addcmul_(decay[0::2], x[1::2])
-    linear_scan_reverse(decay[0::2][: P - 1] * decay[1::2], g_even)
-    x[1 : T - 1 : 2].addcmul_(decay[1::2], g_even[1:])
+    _run(_scan_reverse_ops(decay, x))
     return x
 
 
-def _chunk_inputs(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Time-major chunk tensors: dt (T, b, d), decay a = exp(dt·A) (T, b, d, n), input dt·u·B (T, b, d, n)."""
-    dt_c = dt[:, :, s:e].permute(2, 0, 1)
-    a = torch.exp(dt_c.unsqueeze(-1) * A)
-    x = (dt_c * u[:, :, s:e].permute(2, 0, 1)).unsqueeze(-1) * B[:, :, s:e].permute(2, 0, 1).unsqueeze(2)
-    return dt_c, a, x
+class _Workspace:
+    """Buffers and planned scans for one block shape (T, batch, channels, d_state), reused by every
+    chunk and channel block of that shape.
+
+    a: decays exp(dt·A); x: inputs dt·u·B, scanned in place into the states h;
+    g: adjoint inputs C·gy, reverse-scanned in place into the adjoint states (backward only);
+    q, tmp: (T, batch, channels, d_state) scratch (backward only);
+    y: (T, batch, channels) scratch.
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, backward: bool):
+        new = partial(torch.empty, dtype=torch.float32, device=device)
+        self.a, self.x, self.y = new(shape), new(shape), new(shape[:3])
+        self.scan = _scan_ops(self.a[1:], self.x)
+        if backward:
+            self.g, self.q, self.tmp = new(shape), new(shape), new(shape)
+            self.gB, self.ddt, self.du = new(shape[:3]), new(shape[:3]), new(shape[:3])
+            self.scan_reverse = _scan_reverse_ops(self.a[1:], self.g)
+
+    def states(self, dt_c: Tensor, du_c: Tensor, A: Tensor, B_c: Tensor, h_in: Tensor) -> Tensor:
+        """Fill a and x for one block and scan: returns the states h (T, batch, channels, d_state) (= self.x).
+
+        dt_c, du_c: (T, batch, channels) dt and dt·u; A: (channels, d_state); B_c: (T, batch, d_state);
+        h_in: (batch, channels, d_state) the state before the block.
+        """
+        torch.mul(dt_c.unsqueeze(-1), A, out=self.a).exp_()
+        torch.mul(du_c.unsqueeze(-1), B_c.unsqueeze(2), out=self.x)
+        self.x[0].addcmul_(self.a[0], h_in)
+        _run(self.scan)
+        return self.x
 
 
-def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, keep_boundaries: bool):
+def _time_major(t: Tensor, s: int, e: int) -> Tensor:
+    """(batch, k, L) → the contiguous (e − s, batch, k) slice of tokens s..e−1."""
+    return t[:, :, s:e].permute(2, 0, 1).contiguous()
+
+
+def _workspace(cache: dict, shape: tuple[int, int, int, int], device: torch.device, backward: bool) -> _Workspace:
+    if shape not in cache:
+        cache[shape] = _Workspace(shape, device, backward)
+    return cache[shape]
+
+
+def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, blocks, keep_boundaries: bool):
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     y = torch.empty(batch, d_inner, L, dtype=torch.float32, device=u.device)
     h = torch.zeros(batch, d_inner, d_state, dtype=torch.float32, device=u.device)
     n_chunks = (L + chunk - 1) // chunk
     boundaries = torch.empty(n_chunks, batch, d_inner, d_state, dtype=torch.float32, device=u.device) if keep_boundaries else None
+    cache: dict = {}
     for c in range(n_chunks):
         s, e = c * chunk, min(L, (c + 1) * chunk)
         if boundaries is not None:
             boundaries[c] = h
-        _, a, x = _chunk_inputs(u, dt, A, B, s, e)
-        x[0].addcmul_(a[0], h)
-        hs = linear_scan(a[1:], x)
-        h = hs[-1].clone()
-        y[:, :, s:e] = torch.matmul(hs, C[:, :, s:e].permute(2, 0, 1).unsqueeze(-1)).squeeze(-1).permute(1, 2, 0)
+        dt_c = _time_major(dt, s, e)
+        du_c = dt_c * _time_major(u, s, e)
+        B_c, C_c = _time_major(B, s, e), _time_major(C, s, e).unsqueeze(2)
+        for c0, c1 in blocks:
+            ws = _workspace(cache, (e - s, batch, c1 - c0, d_state), u.device, backward=False)
+            h_blk = h[:, c0:c1]
+            hs = ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], A[c0:c1], B_c, h_blk)
+            h_blk.copy_(hs[-1])
+            torch.sum(hs.mul_(C_c), -1, out=ws.y)
+            y[:, c0:c1, s:e] = ws.y.permute(1, 2, 0)
     return y, h, boundaries
 
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int):
-        y, last, boundaries = _forward_chunks(u, dt, A, B, C, chunk, keep_boundaries=True)
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, blocks):
+        y, last, boundaries = _forward_chunks(u, dt, A, B, C, chunk, blocks, keep_boundaries=True)
         ctx.save_for_backward(u, dt, A, B, C, boundaries)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.blocks = chunk, blocks
         return y, last
 
     @staticmethod
     def backward(ctx, gy: Tensor | None, glast: Tensor | None):
         u, dt, A, B, C, boundaries = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, blocks = ctx.chunk, ctx.blocks
         batch, d_inner, L = u.shape
+        d_state = A.shape[1]
         gy = torch.zeros_like(u) if gy is None else gy.float()
         lam = torch.zeros_like(boundaries[0]) if glast is None else glast.float().clone()
         du, ddt = torch.empty_like(u), torch.empty_like(dt)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dA = torch.zeros_like(A)
+        cache: dict = {}
         for c in range(boundaries.shape[0] - 1, -1, -1):
             s, e = c * chunk, min(L, (c + 1) * chunk)
-            h_in = boundaries[c]
-            dt_c, a, x = _chunk_inputs(u, dt, A, B, s, e)
-            x[0].addcmul_(a[0], h_in)
-            hs = linear_scan(a[1:], x)
-            C_c = C[:, :, s:e].permute(2, 0, 1)
-            gy_c = gy[:, :, s:e].permute(2, 0, 1)
-            dC[:, :, s:e] = torch.matmul(gy_c.unsqueeze(-2), hs).squeeze(-2).permute(1, 2, 0)
-            # Adjoint g_t = dL/dh_t = C_t·gy_t + a_{t+1} ⊙ g_{t+1}, a reverse scan.
-            cg = gy_c.unsqueeze(-1) * C_c.unsqueeze(2)
-            cg[-1] += lam
-            g = linear_scan_reverse(a[1:], cg)
-            # q_t = g_t ⊙ h_{t−1} ⊙ a_t: the gradient reaching dt and A through the decay.
-            q = torch.empty_like(hs)
-            torch.mul(hs[:-1], a[1:], out=q[1:])
-            torch.mul(h_in, a[0], out=q[0])
-            q.mul_(g)
-            lam = g[0] * a[0]
-            del hs, cg, x, a
-            dA += (q * dt_c.unsqueeze(-1)).sum((0, 1))
-            u_c = u[:, :, s:e].permute(2, 0, 1)
-            gB = torch.matmul(g, B[:, :, s:e].permute(2, 0, 1).unsqueeze(-1)).squeeze(-1)
-            ddt[:, :, s:e] = (q.mul_(A).sum(-1) + gB * u_c).permute(1, 2, 0)
-            du[:, :, s:e] = (gB * dt_c).permute(1, 2, 0)
-            dB[:, :, s:e] = torch.matmul((dt_c * u_c).unsqueeze(-2), g).squeeze(-2).permute(1, 2, 0)
-        return du, ddt, dA, dB, dC, None
+            dt_c, u_c, gy_c = _time_major(dt, s, e), _time_major(u, s, e), _time_major(gy, s, e)
+            du_c = dt_c * u_c
+            B_c, C_c = _time_major(B, s, e), _time_major(C, s, e)
+            dB_c, dC_c = torch.zeros_like(B_c), torch.zeros_like(C_c)  # (T, batch, d_state), summed over blocks
+            for c0, c1 in blocks:
+                ws = _workspace(cache, (e - s, batch, c1 - c0, d_state), u.device, backward=True)
+                h_in, lam_blk, A_blk = boundaries[c, :, c0:c1], lam[:, c0:c1], A[c0:c1]
+                dt_b, du_b, gy_b = dt_c[:, :, c0:c1].unsqueeze(-1), du_c[:, :, c0:c1].unsqueeze(-1), gy_c[:, :, c0:c1].unsqueeze(-1)
+                a, hs, g, q, tmp = ws.a, ws.x, ws.g, ws.q, ws.tmp
+                ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], A_blk, B_c, h_in)
+                dC_c.add_(torch.mul(hs, gy_b, out=tmp).sum(2))
+                # Adjoint g_t = dL/dh_t = C_t·gy_t + a_{t+1} ⊙ g_{t+1}, a reverse scan.
+                torch.mul(gy_b, C_c.unsqueeze(2), out=g)
+                g[-1].add_(lam_blk)
+                _run(ws.scan_reverse)
+                # q_t = g_t ⊙ h_{t−1} ⊙ a_t: the gradient reaching dt and A through the decay.
+                torch.mul(hs[:-1], a[1:], out=q[1:])
+                torch.mul(h_in, a[0], out=q[0])
+                q.mul_(g)
+                torch.mul(g[0], a[0], out=lam_blk)
+                dA[c0:c1] += torch.mul(q, dt_b, out=tmp).sum((0, 1))
+                dB_c.add_(torch.mul(g, du_b, out=tmp).sum(2))
+                torch.sum(torch.mul(g, B_c.unsqueeze(2), out=tmp), -1, out=ws.gB)
+                torch.sum(q.mul_(A_blk), -1, out=ws.ddt).addcmul_(ws.gB, u_c[:, :, c0:c1])
+                ddt[:, c0:c1, s:e] = ws.ddt.permute(1, 2, 0)
+                du[:, c0:c1, s:e] = torch.mul(ws.gB, dt_c[:, :, c0:c1], out=ws.du).permute(1, 2, 0)
+            dB[:, :, s:e] = dB_c.permute(1, 2, 0)
+            dC[:, :, s:e] = dC_c.permute(1, 2, 0)
+        return du, ddt, dA, dB, dC, None, None
 
 
 def scan_core(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk: int | None = None) -> tuple[Tensor, Tensor]:
@@ -170,12 +286,14 @@ def scan_core(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk: 
     Differentiable in u, dt, A, B, C and through last_state.
     """
     batch, d_inner, L = u.shape
+    d_state = A.shape[1]
+    elements = CUDA_CHUNK_ELEMENTS if u.is_cuda else DEFAULT_CHUNK_ELEMENTS
     if chunk is None:
-        elements = CUDA_CHUNK_ELEMENTS if u.is_cuda else DEFAULT_CHUNK_ELEMENTS
-        chunk = chunk_length(batch, d_inner, A.shape[1], elements)
+        chunk = chunk_length(batch, d_inner, d_state, elements)
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1 token, got {chunk}")
+    blocks = channel_blocks(min(chunk, L), batch, d_inner, d_state, elements)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C)):
-        return _ChunkedScan.apply(u, dt, A, B, C, chunk)
-    y, last, _ = _forward_chunks(u, dt, A, B, C, chunk, keep_boundaries=False)
+        return _ChunkedScan.apply(u, dt, A, B, C, chunk, blocks)
+    y, last, _ = _forward_chunks(u, dt, A, B, C, chunk, blocks, keep_boundaries=False)
     return y, last
