@@ -114,7 +114,7 @@ def test_pair_scans_match_loops(T):
 
 
 def test_chunk_length_is_a_bounded_power_of_two():
-    assert torch_scan.chunk_length(1, 6, 16) == 2048
+    assert torch_scan.chunk_length(1, 6, 16) == 256
     assert torch_scan.chunk_length(1, 384, 16) == 32
     assert torch_scan.chunk_length(64, 768, 16) == torch_scan.MIN_CHUNK
     with pytest.raises(ValueError, match="chunk must be"):

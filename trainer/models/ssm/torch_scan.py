@@ -22,15 +22,18 @@ by forward, walking the chunks in reverse and carrying the adjoint state
 Threads. On CPU every op works on one block — a chunk of tokens times a block
 of channels — of fewer than ``SERIAL_ELEMENTS`` elements, torch's intra-op
 grain size, so each op runs on the calling thread and none opens an OpenMP
-parallel region. The scan is a long run of small dependent ops (thousands per
-call); with more than one intra-op thread each larger op would be a parallel
-region ending in a barrier, which costs more than it saves at these sizes and,
-on a loaded machine where one team thread waits for a core, stalls for a
-scheduler time slice — measured 2.6 s instead of 0.04 s for one forward at
-L = 50,177, d_inner 6 on 2 cores with one core busy. Blocks this size also
-stay in L2. The ops of a block's scan are planned once per block shape
-(``_Workspace``: buffers and pre-cut views reused by every chunk), so the
-Python cost per chunk is a flat list of op calls, not the slicing.
+parallel region; the decays use exp2, because torch's float32 exp (MKL vector
+math) opens one on every call, whatever the size (``_decay_rates``). A scan is
+a long run of small dependent ops (the old 2¹⁸-element chunks made ~300
+parallel regions per forward at L = 50,177, d_inner 6, ~2,000 at d_inner 384);
+each region ends in a barrier, which costs more than it saves at these sizes
+and, when another process holds one of the cores, waits a scheduler time slice
+for the descheduled team thread: one forward took 2.6 s with 2 threads instead
+of 0.04 s with 1. Blocks this size also stay in L2. Each block shape's scan is
+planned once (``_Workspace``: buffers and pre-cut views reused by every chunk
+and channel block), so the Python cost per block is a flat list of op calls.
+A chunk wider than a block even at ``MIN_CHUNK`` tokens and one channel (batch·
+MIN_CHUNK·d_state ≥ 2¹⁵) runs as one-channel blocks whose ops do go parallel.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ DEFAULT_CHUNK_ELEMENTS = SERIAL_ELEMENTS - 1
 ``MIN_CHUNK`` tokens of all channels are more, the chunk is split into channel blocks."""
 CUDA_CHUNK_ELEMENTS = 1 << 22
 """The same on a GPU, where fewer, larger kernels matter more than cache (untuned)."""
+
+_LOG2_E = 1.4426950408889634
 
 MIN_CHUNK = 32
 MAX_CHUNK = 2048
@@ -174,17 +179,32 @@ class _Workspace:
             self.gB, self.ddt, self.du = new(shape[:3]), new(shape[:3]), new(shape[:3])
             self.scan_reverse = _scan_reverse_ops(self.a[1:], self.g)
 
-    def states(self, dt_c: Tensor, du_c: Tensor, A: Tensor, B_c: Tensor, h_in: Tensor) -> Tensor:
+    def states(self, dt_c: Tensor, du_c: Tensor, rates: Tensor, B_c: Tensor, h_in: Tensor) -> Tensor:
         """Fill a and x for one block and scan: returns the states h (T, batch, channels, d_state) (= self.x).
 
-        dt_c, du_c: (T, batch, channels) dt and dt·u; A: (channels, d_state); B_c: (T, batch, d_state);
-        h_in: (batch, channels, d_state) the state before the block.
+        dt_c, du_c: (T, batch, channels) dt and dt·u; rates: (channels, d_state) the block's rows of
+        ``_decay_rates(A)``; B_c: (T, batch, d_state); h_in: (batch, channels, d_state) the state before the block.
         """
-        torch.mul(dt_c.unsqueeze(-1), A, out=self.a).exp_()
+        exp = torch.exp2 if rates.device.type == "cpu" else torch.exp
+        exp(torch.mul(dt_c.unsqueeze(-1), rates, out=self.x), out=self.a)
         torch.mul(du_c.unsqueeze(-1), B_c.unsqueeze(2), out=self.x)
         self.x[0].addcmul_(self.a[0], h_in)
         _run(self.scan)
         return self.x
+
+
+def _decay_rates(A: Tensor) -> Tensor:
+    """A, ready for ``_Workspace.states``: on CPU A·log2(e) in float32 (rounded once from float64),
+    the decays then being exp2(dt·A·log2(e)) = exp(dt·A); elsewhere A itself, used with exp.
+
+    On CPU torch's float32 exp goes through MKL's vector math, which opens an OpenMP parallel
+    region on every call however small the tensor (see the module docstring); exp2 is a plain
+    vectorised kernel. The extra rounding of A·log2(e) is of the size the product dt·A already
+    has: a relative error of about |dt·A|·2⁻²⁴ in the decay either way.
+    """
+    if A.device.type != "cpu":
+        return A
+    return (A.double() * _LOG2_E).float()
 
 
 def _time_major(t: Tensor, s: int, e: int) -> Tensor:
@@ -206,6 +226,7 @@ def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
     n_chunks = (L + chunk - 1) // chunk
     boundaries = torch.empty(n_chunks, batch, d_inner, d_state, dtype=torch.float32, device=u.device) if keep_boundaries else None
     cache: dict = {}
+    rates = _decay_rates(A)
     for c in range(n_chunks):
         s, e = c * chunk, min(L, (c + 1) * chunk)
         if boundaries is not None:
@@ -216,7 +237,7 @@ def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
         for c0, c1 in blocks:
             ws = _workspace(cache, (e - s, batch, c1 - c0, d_state), u.device, backward=False)
             h_blk = h[:, c0:c1]
-            hs = ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], A[c0:c1], B_c, h_blk)
+            hs = ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], rates[c0:c1], B_c, h_blk)
             h_blk.copy_(hs[-1])
             torch.sum(hs.mul_(C_c), -1, out=ws.y)
             y[:, c0:c1, s:e] = ws.y.permute(1, 2, 0)
@@ -243,6 +264,7 @@ class _ChunkedScan(torch.autograd.Function):
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dA = torch.zeros_like(A)
         cache: dict = {}
+        rates = _decay_rates(A)
         for c in range(boundaries.shape[0] - 1, -1, -1):
             s, e = c * chunk, min(L, (c + 1) * chunk)
             dt_c, u_c, gy_c = _time_major(dt, s, e), _time_major(u, s, e), _time_major(gy, s, e)
@@ -254,7 +276,7 @@ class _ChunkedScan(torch.autograd.Function):
                 h_in, lam_blk, A_blk = boundaries[c, :, c0:c1], lam[:, c0:c1], A[c0:c1]
                 dt_b, du_b, gy_b = dt_c[:, :, c0:c1].unsqueeze(-1), du_c[:, :, c0:c1].unsqueeze(-1), gy_c[:, :, c0:c1].unsqueeze(-1)
                 a, hs, g, q, tmp = ws.a, ws.x, ws.g, ws.q, ws.tmp
-                ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], A_blk, B_c, h_in)
+                ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], rates[c0:c1], B_c, h_in)
                 dC_c.add_(torch.mul(hs, gy_b, out=tmp).sum(2))
                 # Adjoint g_t = dL/dh_t = C_t·gy_t + a_{t+1} ⊙ g_{t+1}, a reverse scan.
                 torch.mul(gy_b, C_c.unsqueeze(2), out=g)
