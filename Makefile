@@ -51,7 +51,7 @@ DEMO_TRAIN_STORE := tiles/demo/mag5-r32.zarr
 train-demo: setup demo-data
 	$(BIN)/pm-tiles build --manifest data_manifests/demo.csv --magnification 5 --region-size 32 \
 		--out $(DEMO_TRAIN_STORE) --workers $(WORKERS) --no-progress
-	$(BIN)/pm-train supervised --config configs/demo_cpu.toml --store $(DEMO_TRAIN_STORE) --out $(DEMO_RUN)
+	$(BIN)/pm-train supervised --config configs/demo_cpu.toml --store $(DEMO_TRAIN_STORE) --out $(DEMO_RUN) --overwrite
 
 # The main job on the demo cohort: real slide -> labelled cohort -> tile store -> QC -> short training run.
 demo:

@@ -75,6 +75,8 @@ def resolve_device(name: str) -> torch.device:
 @click.option("--balance-classes/--no-balance-classes", default=None, help="Class-balanced slide sampling.")
 @click.option("--seed", type=int, default=None, help="Seed of sampling, initialisation and augmentation.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Start a new run in a --out folder that already holds one (its checkpoints are replaced).")
 def supervised(**options: Any) -> None:
     """Supervised slide classification (cross-entropy on slide labels; QWK/accuracy validation)."""
     try:
@@ -110,6 +112,12 @@ def _recipe(options: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 def run_supervised(**options: Any) -> Path:
     """The body of `pm-train supervised`; returns the run folder."""
+    existing = Path(options["out_dir"]) / "last.pt"
+    if existing.exists() and not options["resume"] and not options.get("overwrite"):
+        raise click.ClickException(
+            f"{options['out_dir']} already holds a run ({existing.name}); continue it with "
+            f"--resume {existing}, or pass --overwrite to start a new run there"
+        )
     resume_payload = _load(options["resume"], "--resume") if options["resume"] else None
     init_payload = _load(options["init_path"], "--init") if options["init_path"] else None
     try:

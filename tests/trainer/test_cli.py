@@ -78,6 +78,12 @@ def test_store_run_resume_and_mismatch(stain_store, other_mpp_store, tmp_path) -
     assert resumed.exit_code == 0, resumed.output
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
+    again = run("--store", str(stain_store), "--out", str(out), *FAST, "--max-steps", "1")
+    assert again.exit_code != 0 and "already holds a run" in again.output and "--resume" in again.output
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2  # the earlier run is untouched
+    fresh = run("--store", str(stain_store), "--out", str(out), *FAST, "--max-steps", "1", "--overwrite")
+    assert fresh.exit_code == 0 and torch.load(out / "last.pt", weights_only=True)["step"] == 1
+
 
 def test_init_from_checkpoint_reports_fresh_head(stain_store, tmp_path) -> None:
     first = run("--store", str(stain_store), "--out", str(tmp_path / "a"), *FAST, "--max-steps", "1")
