@@ -4,6 +4,9 @@
 into the one chunk file (codec `none`) or the one shard file (`zstd`/`jpeg`, encoded
 region by region with the shard index appended at the end, exactly as zarr's
 `sharding_indexed` codec lays it out), records checksums, then commits by rename.
+The raw chunk (codec `none`) is hashed while it is streamed; a shard is read back to
+be hashed, since its size, which the checksum hashes before its bytes, is known only
+once it is written.
 The slide table is not touched: the driver alone rewrites it.
 """
 
@@ -16,16 +19,16 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import google_crc32c
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from pipeline.schema.checksums import array_checksum, slide_checksum
+from pipeline.schema.checksums import ArrayHasher, array_checksum, array_keys, slide_checksum
 from pipeline.schema.codecs import region_array_kwargs, region_chunk_encoder, require_codec
-from pipeline.schema.commit import SlideTable, commit_group, temp_group_name, write_table
+from pipeline.schema.commit import SlideTable, commit_group, fsync_file, node_metadata, temp_group_name, write_table
 from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
 from pipeline.schema.format import (
     COORDS,
@@ -103,9 +106,9 @@ def _attrs_or_none(root: Path) -> StoreAttrs | None:
 
 def read_store_attrs(path: str | os.PathLike) -> StoreAttrs:
     """Root attributes of a local store; NotATileStoreError when they are absent."""
-    meta_path = Path(path) / "zarr.json"
+    root = Path(path)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = node_metadata(root)
         return StoreAttrs.from_json(meta["attributes"][ROOT_ATTR_KEY])
     except (OSError, ValueError, KeyError, TypeError):
         raise NotATileStoreError(
@@ -161,13 +164,16 @@ def write_slide(
             store=store, name=f"{base}/{REGIONS}",
             **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
         )
-        chunk_path = group_dir / REGIONS / regions_array.metadata.encode_chunk_key((0, 0, 0, 0))
+        chunk_key = regions_array.metadata.encode_chunk_key((0, 0, 0, 0))
+        chunk_path = group_dir / REGIONS / chunk_key
         stream = _iter_regions(slide_id, regions, size)
+        streamed = None
         if store_attrs.codec["name"] == "none":
-            _stream_raw(slide_id, chunk_path, stream, n_regions)
+            streamed = _stream_raw(slide_id, chunk_path, chunk_key, stream, n_regions, size)
         else:
             _stream_shard(slide_id, chunk_path, stream, n_regions, region_chunk_encoder(store_attrs.codec))
-        checksums = {name: _local_array_checksum(group_dir / name) for name in (REGIONS, COORDS, ORIGIN, FOREGROUND)}
+        checksums = {REGIONS: _local_array_checksum(group_dir / REGIONS, streamed=streamed)}
+        checksums.update((name, _local_array_checksum(group_dir / name)) for name in (COORDS, ORIGIN, FOREGROUND))
         checksum = slide_checksum(checksums)
         group_attrs = {
             **attrs, "slide_id": slide_id, "n_regions": int(n_regions),
@@ -233,23 +239,38 @@ def _count_error(slide_id: str, got: str, expected: int) -> SlideWriteError:
     return SlideWriteError(f"slide {slide_id!r}: the region stream yielded {got} regions, expected n_regions={expected}")
 
 
-def _stream_raw(slide_id: str, chunk_path: Path, stream: Iterator[np.ndarray], n: int) -> None:
-    """Codec `none`: the chunk file is the raw C-order `(n, R, R, 3)` array."""
+def _stream_raw(
+    slide_id: str, chunk_path: Path, chunk_key: str, stream: Iterator[np.ndarray], n: int, size: int
+) -> ArrayHasher | None:
+    """Codec `none`: the chunk file is the raw C-order `(n, R, R, 3)` array.
+
+    Returns the chunk's checksum state (`chunk_key` and its bytes hashed as they were
+    written), or None when n is 0 (no chunk file).
+    """
     if n == 0:
         for _ in stream:
             raise _count_error(slide_id, "more than 0", 0)
-        return
+        return None
     chunk_path.parent.mkdir(parents=True, exist_ok=True)
+    nbytes = n * size * size * 3
+    hasher = ArrayHasher()
+    hasher.begin(chunk_key, nbytes)
     count = 0
     with open(chunk_path, "wb", buffering=_WRITE_BUFFER) as handle:
         for region in stream:
             if count == n:
                 raise _count_error(slide_id, f"more than {n}", n)
-            handle.write(memoryview(region).cast("B"))
+            data = memoryview(region).cast("B")
+            handle.write(data)
+            hasher.update(data)
             count += 1
         if count != n:
             raise _count_error(slide_id, str(count), n)
-        _sync(handle)
+        fsync_file(handle)
+    hasher.end()
+    if chunk_path.stat().st_size != nbytes:
+        raise OSError(f"{chunk_path}: wrote {chunk_path.stat().st_size} bytes, expected {nbytes}")
+    return hasher
 
 
 def _stream_shard(slide_id: str, shard_path: Path, stream: Iterator[np.ndarray], n: int, encode) -> None:
@@ -276,11 +297,15 @@ def _stream_shard(slide_id: str, shard_path: Path, stream: Iterator[np.ndarray],
         index_bytes = index.tobytes()
         handle.write(index_bytes)
         handle.write(np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes())
-        _sync(handle)
+        fsync_file(handle)
 
 
-def _local_array_checksum(array_dir: Path) -> str:
-    metadata = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
+def _local_array_checksum(array_dir: Path, *, streamed: ArrayHasher | None = None) -> str:
+    """Checksum of a local array from its stored files; `streamed`: its first stored key
+    already hashed while it was written (that file is not read again)."""
+    metadata = node_metadata(array_dir)
+    if streamed is not None and streamed.last_key != array_keys(metadata)[0]:
+        raise RuntimeError(f"{array_dir}: streamed key {streamed.last_key!r} is not the array's first key")
 
     def read(key: str):
         path = array_dir / key
@@ -288,18 +313,13 @@ def _local_array_checksum(array_dir: Path) -> str:
             return None
         return path.stat().st_size, _file_blocks(path)
 
-    return array_checksum(metadata, read)
+    return array_checksum(metadata, read, hasher=streamed)
 
 
 def _file_blocks(path: Path, block: int = 4 << 20) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while data := handle.read(block):
             yield data
-
-
-def _sync(handle: BinaryIO) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +335,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     aside = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(aside, "w", encoding="utf-8") as handle:
         handle.write(text)
-        _sync(handle)
+        fsync_file(handle)
     os.replace(aside, path)
 
 

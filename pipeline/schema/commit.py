@@ -15,7 +15,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipeline.schema.errors import SlideWriteError, TileStoreError
 from pipeline.schema.format import (
@@ -81,8 +81,7 @@ def write_table(store_path: str | os.PathLike, table: SlideTable) -> None:
     try:
         with open(aside, "w", encoding="utf-8") as handle:
             json.dump(table.to_json(), handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
+            fsync_file(handle)
         os.replace(aside, root / SLIDE_TABLE)
     finally:
         if aside.exists():
@@ -149,10 +148,15 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), os.fspath(a), None, os.fspath(b))
 
 
+def node_metadata(node_path: str | os.PathLike) -> Any:
+    """The parsed `zarr.json` of a local zarr group or array."""
+    with open(Path(node_path) / "zarr.json", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def group_attributes(group_path: str | os.PathLike) -> dict[str, Any]:
     """Attributes of a local zarr group (its `zarr.json`)."""
-    with open(Path(group_path) / "zarr.json", encoding="utf-8") as handle:
-        return json.load(handle).get("attributes", {})
+    return node_metadata(group_path).get("attributes", {})
 
 
 def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideRecord:
@@ -160,8 +164,7 @@ def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideReco
     attrs = group_attributes(group_path)
     n_regions = attrs.get("n_regions")
     if n_regions is None:
-        with open(Path(group_path) / REGIONS / "zarr.json", encoding="utf-8") as handle:
-            n_regions = json.load(handle)["shape"][0]
+        n_regions = node_metadata(Path(group_path) / REGIONS)["shape"][0]
     return SlideRecord(
         slide_id=slide_id,
         n_regions=int(n_regions),
@@ -233,6 +236,12 @@ def reconcile(store_path: str | os.PathLike, *, remove_temps: bool = True) -> tu
     if report.added or report.refreshed or report.dropped:
         write_table(root, table)
     return table, report
+
+
+def fsync_file(handle: IO[Any]) -> None:
+    """Flush a file opened for writing and fsync it."""
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import zarr
 from tile_store_helpers import REGION, smooth_regions, store_attrs, write_example_slide
 
+from pipeline.schema.checksums import ArrayHasher, array_checksum, slide_checksum
 from pipeline.schema.commit import read_table
 from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
 from pipeline.store_writer import create_store, read_store_attrs, write_slide
@@ -47,6 +48,40 @@ def test_none_layout_chunk_file_is_the_raw_array(tmp_path):
     meta = json.loads((store / "slides/a/regions/zarr.json").read_text())
     assert meta["codecs"] == [{"name": "bytes"}]
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [5, REGION, REGION, 3]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("n", [0, 1, 6])
+def test_recorded_checksums_are_those_of_the_stored_files(tmp_path, codec, n):
+    """The raw chunk is hashed while streamed, a shard read back: both must give what
+    `array_checksum` computes from the stored files (as readers do)."""
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs(codec))
+    result = write_example_slide(store, "a", smooth_regions(n))
+
+    def from_files(name):
+        array_dir = store / "slides/a" / name
+
+        def read(key):
+            path = array_dir / key
+            return (path.stat().st_size, [path.read_bytes()]) if path.is_file() else None
+
+        return array_checksum(json.loads((array_dir / "zarr.json").read_text()), read)
+
+    computed = {name: from_files(name) for name in ("regions", "coords", "origin", "foreground")}
+    assert result["checksums"] == computed and result["checksum"] == slide_checksum(computed)
+
+
+def test_array_hasher_wants_keys_in_order_and_whole():
+    hasher = ArrayHasher()
+    hasher.begin("c/0", 3)
+    hasher.update(b"ab")
+    with pytest.raises(OSError, match="read 2 bytes, expected 3"):
+        hasher.end()
+    hasher.update(b"c")
+    hasher.end()
+    with pytest.raises(ValueError, match="sorted order"):
+        hasher.begin("c/0", 0)
 
 
 def test_regions_may_arrive_in_batches_and_as_a_generator(tmp_path):
