@@ -87,18 +87,8 @@ def test_table_transitions():
         commit.parse_table(b"{}")
 
 
-def test_commit_replaces_existing_group_without_leftovers(tmp_path):
-    slides = tmp_path / "slides"
-    (slides / "a").mkdir(parents=True)
-    (slides / "a" / "old").write_text("old")
-    temp = commit.temp_group_name("a")
-    (slides / temp).mkdir()
-    (slides / temp / "new").write_text("new")
-    commit.commit_group(tmp_path, temp, "a")
-    assert os.listdir(slides) == ["a"] and os.listdir(slides / "a") == ["new"]
-
-
 def _group_pair(tmp_path):
+    """slides/a (holding `old`) and a temporary group for `a` (holding `new`)."""
     slides = tmp_path / "slides"
     (slides / "a").mkdir(parents=True)
     (slides / "a" / "old").write_text("old")
@@ -106,6 +96,12 @@ def _group_pair(tmp_path):
     (slides / temp).mkdir()
     (slides / temp / "new").write_text("new")
     return slides, temp
+
+
+def test_commit_replaces_existing_group_without_leftovers(tmp_path):
+    slides, temp = _group_pair(tmp_path)
+    commit.commit_group(tmp_path, temp, "a")
+    assert os.listdir(slides) == ["a"] and os.listdir(slides / "a") == ["new"]
 
 
 def test_replacing_a_group_never_leaves_the_slide_missing(tmp_path, monkeypatch):
