@@ -45,7 +45,7 @@ from trainer.engine.distributed import (
 from trainer.engine.optim import OptimConfig, apply_schedule_values, build_adamw, param_groups
 from trainer.engine.run_log import RunLogger
 from trainer.engine.schedules import CosineSchedule, cosine_from_epochs
-from trainer.objectives.base import Objective, StepContext, TrainingPlan, move_sample
+from trainer.objectives.base import HookContext, Objective, StepContext, TrainingPlan, move_sample
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -445,7 +445,12 @@ class Trainer:
             self._stop_non_finite(step, bad_slides)
         self.scaler.unscale_(self.optimizer)
         objective = unwrap(self.module)
-        objective.on_before_optimizer_step(step)
+        hook_ctx = HookContext(
+            step=step, epoch=self.state.epoch, plan=self.plan, values=values,
+            rank=self.env.rank, world_size=self.env.world_size,
+            all_reduce_sum=lambda t: all_reduce_sum(t, self.env),
+        )
+        objective.on_before_optimizer_step(hook_ctx)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if cfg.clip_grad:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
@@ -454,7 +459,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        objective.on_after_step(step)
+        objective.on_after_step(hook_ctx)
         self.state.step += 1
         elapsed = max(time.perf_counter() - started, 1e-9)
         count = float(totals[1])

@@ -25,13 +25,37 @@ temperature) come from `schedules(plan)`; the engine evaluates them every step
 and passes the values in `step_ctx.values`, and the objective may keep the
 schedule objects to evaluate them in `on_after_step`. Everything in the
 objective's `state_dict` (teacher weights, DINO's centre buffer) is checkpointed.
+
+SSL extension (the contract the engine and every objective share):
+
+- `sample_preparer()` returns a light, picklable callable `prepare(sample, generator)
+  -> sample` (or None). The engine's feed runs it inside DataLoader workers, after
+  the data layer's region cap (`--precrop-regions`), with a CPU generator seeded
+  from SeedSequence([seed, epoch, position, rank, STREAM_PREPARE]); `forward`'s
+  `step_ctx.generator` comes from the same tuple with STREAM_FORWARD, so mask or
+  crop draws are never replayed as drop-path or fusion draws. Index work only
+  (masks, crops, flips, augmentation parameters); pixels stay uint8.
+- `ema_pairs()` lists (teacher, student) module pairs. After every optimizer step
+  that was not skipped, the engine sets teacher = m·teacher + (1−m)·student over
+  matching parameters and buffers, m = `values["ema_momentum"]` (the objective's
+  schedule of that name). Teachers are frozen (`make_teacher`), never in the
+  optimizer, and stay in eval mode whatever `train()` is called with.
+- Hooks get a `HookContext` (step, epoch, plan, schedule values, whether the
+  optimizer step was skipped, rank/world size and an all-reduce helper for
+  objective-owned statistics such as DINO's centre).
+- `export_source` says which encoder is the checkpoint's "model": "encoder" (the
+  trained one; supervised) or "teacher" (`exported_encoder()`, the EMA teacher
+  for LatentMIM and DINO). The student is still saved for resume.
+- `requires_labels = False` for SSL objectives: they train on every slide of the
+  training split, labelled or not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import copy
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -70,6 +94,43 @@ class StepContext:
     generator: torch.Generator | None = None
 
 
+STREAM_FORWARD = 0
+STREAM_PREPARE = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class HookContext:
+    """What `on_before_optimizer_step` / `on_after_step` receive.
+
+    skipped: the optimizer step was skipped (fp16 GradScaler overflow): EMA and
+        centre updates must not happen (the engine already skips its EMA update).
+    all_reduce_sum: sums a tensor over all ranks and returns the sum (the input
+        itself on one process); for objective-owned statistics such as DINO's centre.
+    """
+
+    step: int
+    epoch: int
+    plan: TrainingPlan
+    values: Mapping[str, float] = field(default_factory=dict)
+    skipped: bool = False
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+
+class SamplePreparer(Protocol):
+    """Loader-side preparation: `prepare(sample, generator) -> sample` (index work only, picklable)."""
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]: ...
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of `student` for EMA: no gradients, eval mode (drop path off)."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
 class Objective(nn.Module):
     """Base class of training objectives; subclasses implement `forward` (and, for
     validation, `has_validation = True`, `validation_step` and `validation_metrics`).
@@ -80,6 +141,8 @@ class Objective(nn.Module):
     """
 
     name: ClassVar[str] = "objective"
+    requires_labels: ClassVar[bool] = True
+    export_source: ClassVar[str] = "encoder"
     default_best_metric: str | None = None
     best_mode: str = "max"
     find_unused_parameters: ClassVar[bool] = False
@@ -105,11 +168,29 @@ class Objective(nn.Module):
         """
         return {}
 
-    def on_before_optimizer_step(self, step: int) -> None:
+    def sample_preparer(self) -> SamplePreparer | None:
+        """The loader-side `prepare(sample, generator)` step (masks, crops, flips), or None."""
+        return None
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher, student) pairs the engine EMA-updates after each non-skipped optimizer step."""
+        return []
+
+    def exported_encoder(self) -> nn.Module:
+        """The encoder a checkpoint exports as its "model" (`export_source` names which)."""
+        return self.encoder
+
+    def train(self, mode: bool = True) -> Objective:
+        super().train(mode)
+        for teacher, _ in self.ema_pairs():
+            teacher.eval()
+        return self
+
+    def on_before_optimizer_step(self, ctx: HookContext) -> None:
         """Called with unscaled gradients before clipping and `optimizer.step()`."""
 
-    def on_after_step(self, step: int) -> None:
-        """Called after `optimizer.step()` of optimizer step `step` (EMA teachers update here)."""
+    def on_after_step(self, ctx: HookContext) -> None:
+        """Called after `optimizer.step()` (or its skip: `ctx.skipped`) of optimizer step `ctx.step`."""
 
     has_validation: ClassVar[bool] = False
 

@@ -117,7 +117,8 @@ class EMATeacherObjective(Objective):
         return {"loss": loss, "centre_norm": self.centre.norm()}
 
     @torch.no_grad()
-    def on_after_step(self, step: int) -> None:
+    def on_after_step(self, ctx) -> None:
+        step = ctx.step
         m = self.momentum(step)
         for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
             t.mul_(m).add_((1 - m) * s.detach())

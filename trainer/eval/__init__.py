@@ -1,0 +1,1 @@
+"""Evaluation: metrics (a leaf module objectives may use), probes, embeddings, pictures."""
