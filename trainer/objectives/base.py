@@ -186,6 +186,11 @@ class Objective(nn.Module):
             teacher.eval()
         return self
 
+    def drain_messages(self) -> list[str]:
+        """Warnings for the run log (e.g. a collapse monitor firing); the engine calls this after
+        every optimizer step on the main process, logs each line, and the objective forgets them."""
+        return []
+
     def on_before_optimizer_step(self, ctx: HookContext) -> None:
         """Called with unscaled gradients before clipping and `optimizer.step()`."""
 
