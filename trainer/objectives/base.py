@@ -48,6 +48,16 @@ SSL extension (the contract the engine and every objective share):
   for LatentMIM and DINO). The student is still saved for resume.
 - `requires_labels = False` for SSL objectives: they train on every slide of the
   training split, labelled or not.
+- `validation_metric_names()` lists the metrics `validation_metrics` can return
+  (None: not known in advance), so a mistyped `best_metric` is refused at start-up.
+- `regions_per_step(n_regions)`: how many regions the encoder processes (forward
+  and backward, all passes together) for a slide of `n_regions` after the region
+  cap; the engine's memory estimate multiplies it by the measured per-region peak.
+  E.g. LatentMIM: visible regions with gradients + target regions without;
+  DINO: the regions of all views. The default is `n_regions` (one pass).
+- Micro-batches: with `data.batch_size` B > 1 the sample holds B samples packed
+  (`segments`, see `trainer.data.collate`) and `forward` returns the mean loss
+  over them; `step_ctx.generators` has one generator per sample.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from trainer.engine.schedules import CosineSchedule
+from trainer.schedules import CosineSchedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,9 +89,13 @@ class StepContext:
     step: the optimizer step this micro-step contributes to (0-based).
     position: index of this sample within the rank's epoch shard.
     values: schedule values at `step` ("lr", "weight_decay", plus the objective's own).
-    generator: CPU generator for the sample's randomness (views, masks, fusion
-        splits); seeded from (seed, epoch, position, rank) so a resumed run redraws
-        exactly the same numbers.
+    generator: CPU generator for the sample's forward randomness (fusion splits,
+        drop path); seeded from (seed, epoch, position, rank, STREAM_FORWARD) so a
+        resumed run redraws exactly the same numbers. For a micro-batch, the first
+        sample's generator.
+    generators: one such generator per sample of a micro-batch (`batch_size` > 1,
+        see `trainer.data.collate`); `(generator,)` for a single sample.
+    batch_size: samples in this micro-step's (collated) sample.
     """
 
     step: int
@@ -92,6 +106,8 @@ class StepContext:
     device: torch.device
     values: Mapping[str, float] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    generators: tuple[torch.Generator, ...] = ()
+    batch_size: int = 1
 
 
 STREAM_FORWARD = 0
@@ -211,6 +227,15 @@ class Objective(nn.Module):
     def validation_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Metrics over all validation records (e.g. qwk, balanced accuracy)."""
         return {}
+
+    def validation_metric_names(self) -> set[str] | None:
+        """Names `validation_metrics` may return (None: unknown, `best_metric` is then checked after
+        the first validation)."""
+        return None
+
+    def regions_per_step(self, n_regions: int) -> float:
+        """Regions the encoder processes for one slide of `n_regions` (for the memory estimate)."""
+        return float(n_regions)
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """Plain-data entries for the checkpoint (e.g. {"label_map": ...})."""
