@@ -58,6 +58,8 @@ class TileStoreDataset(Dataset[Sample]):
         given map is an error.
     split_assignment: {slide_id: split} overriding the table (e.g. from `kfold`).
 
+    available_splits: the split names the store's slides have (after `split_assignment`).
+
     Sample: regions (n, R, R, 3) torch.uint8; coords (n, 2) torch.int64 (row, col)
     on the region grid; label torch.long scalar (-1: none); slide_id str; index int.
     """
@@ -128,6 +130,8 @@ class TileStoreDataset(Dataset[Sample]):
     ) -> tuple[pd.DataFrame, dict[str, int]]:
         """The kept rows (table order) and how many slides each filter dropped."""
         report = {"slides_in_store": len(full)}
+        split_names = self._split_column(full, split_assignment, val_fraction, split_seed)
+        self.available_splits: list[str] = sorted({str(v) for v in split_names if v is not None and v == v})
         keep = pd.Series(True, index=full.index)
         if slide_ids is not None:
             wanted = [str(s) for s in slide_ids]
@@ -139,7 +143,7 @@ class TileStoreDataset(Dataset[Sample]):
             report["dropped_not_in_subset"] = int((keep & ~subset).sum())
             keep &= subset
         if split is not None:
-            in_split = self._split_column(full, split_assignment, val_fraction, split_seed) == split
+            in_split = split_names == split
             report["dropped_other_split"] = int((keep & ~in_split).sum())
             keep &= in_split
         if require_label:

@@ -63,6 +63,7 @@ SSL extension (the contract the engine and every objective share):
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -251,6 +252,28 @@ class Objective(nn.Module):
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
             raise KeyError(f"objective state does not fit: missing {missing}, unexpected {list(unexpected)}")
+
+
+def encode_packed(
+    encoder: nn.Module, regions: torch.Tensor, segments: torch.Tensor, generators: list[torch.Generator]
+) -> list[Any]:
+    """Encode a micro-batch: one `PixelMambaOutput` per view/sample (segment id 0..B−1, in order).
+
+    regions: (N, R, R, 3) uint8; segments: (N,) long, non-decreasing view index per region;
+    generators: one per view. Uses the model's packed forward (`encoder(regions,
+    segments=..., generator=[...])`) where the model has one, else one call per view
+    (the packed forward is specified to equal exactly that).
+    """
+    counts = torch.bincount(segments.cpu(), minlength=len(generators)).tolist()
+    if len(counts) != len(generators):
+        raise ValueError(f"{len(counts)} segments but {len(generators)} generators")
+    if "segments" in inspect.signature(encoder.forward).parameters:
+        return list(encoder(regions, segments=segments, generator=list(generators)))
+    outputs, start = [], 0
+    for count, generator in zip(counts, generators):
+        outputs.append(encoder(regions[start : start + count], generator=generator))
+        start += count
+    return outputs
 
 
 def move_sample(sample: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
