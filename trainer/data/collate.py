@@ -1,7 +1,8 @@
 """Collating samples: one slide per micro-step, or a micro-batch of equal-shape samples.
 
 `batch_size` 1 (slides differ in length): the sample itself. `batch_size` B > 1
-(image folders, equal-size views): one sample whose regions are the B samples'
+(image folders, equal-size views; the region count may differ, the region shape may
+not): one sample whose regions are the B samples'
 regions one after another, with a view index per region, as the model's packed
 forward takes them:
 
