@@ -149,6 +149,10 @@ class SupervisedObjective(Objective):
             correct = logits.argmax(dim=-1) == labels
         return {"loss": loss, "accuracy": correct.float().mean().detach()}
 
+    def regions_per_step(self, n_regions: int) -> float:
+        limit = self.config.train_regions
+        return float(min(n_regions, limit) if limit else n_regions)
+
     def validation_metric_names(self) -> set[str]:
         names = {"accuracy", "balanced_accuracy", "loss"}
         return names | {"qwk"} if self.ordinal else names
