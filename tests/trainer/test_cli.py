@@ -300,3 +300,18 @@ def test_the_memory_estimate_refuses_a_step_that_cannot_fit(stain_store, tmp_pat
     assert result.exit_code != 0 and "it will not fit" in result.output and "--precrop-regions" in result.output
     forced = run("--store", str(stain_store), "--out", str(tmp_path / "r"), *FAST, "--max-steps", "1", "--force")
     assert forced.exit_code == 0 and "running anyway (--force)" in forced.output
+
+
+def test_image_folder_micro_batches_count_samples(tmp_path) -> None:
+    make_tiny_image_folder(tmp_path / "train", classes=2, per_class=4, size=24)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[data]\nregion_size = 16\n")
+    out = tmp_path / "run"
+    result = run("--image-folder", str(tmp_path / "train"), "--out", str(out), "--config", str(recipe), *FAST,
+                 "--accum", "4", "--batch-size", "2", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    payload = torch.load(out / "last.pt", weights_only=True)
+    assert payload["step"] == 2 and payload["settings"]["batch_size"] == 2  # 8 images, 4 per optimizer step
+    bad = run("--image-folder", str(tmp_path / "train"), "--out", str(tmp_path / "bad"), "--config", str(recipe),
+              *FAST, "--accum", "3", "--batch-size", "2")
+    assert bad.exit_code != 0 and "must be a multiple of" in bad.output
