@@ -111,13 +111,13 @@ def all_reduce_gradients(params: list[nn.Parameter], env: DistEnv) -> None:
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum a float64 tensor over ranks (returned as a new CPU tensor)."""
+    """The sum of `values` over ranks, as a new tensor on `values`' device (the input itself when single-process)."""
     if not env.enabled:
         return values
     backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    reduced = values.to(backend_device).clone()
+    reduced = values.detach().to(backend_device).clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced.cpu()
+    return reduced.to(values.device)
 
 
 def all_gather_objects(value: Any, env: DistEnv) -> list[Any]:

@@ -4,26 +4,31 @@ An objective is an `nn.Module` that owns the encoder being trained (`self.encode
 a PixelMamba) and everything else the loss needs: heads, predictors, EMA teachers,
 centres. The engine (trainer.engine.loop) drives every objective the same way:
 
-    ctx = StepContext(step=s, epoch=e, position=p, micro_step=j, accum_steps=k,
-                      values={"lr": ..., "weight_decay": ..., **objective schedules at s},
-                      generator=<torch.Generator seeded from (seed, epoch, position, rank)>)
-    with autocast:
-        out = objective(sample, step_ctx=ctx)   # {"loss": scalar tensor, **scalar metrics}
-    backward(out["loss"] / group_size)          # one slide per micro-step; group_size <= accum_steps
-    ... after the group's last micro-step:
-    objective.on_before_optimizer_step(step)    # grads unscaled; e.g. freeze DINO's last layer in epoch 0
-    clip, optimizer.step()
-    objective.on_after_step(step)               # e.g. EMA teacher update with momentum schedule(step)
-    ... at each epoch's end (eval mode, no grad, every rank on its shard):
-    records = [objective.validation_step(sample, device=d) for sample in val_shard]
-    metrics = objective.validation_metrics(all ranks' records)
+    in the DataLoader workers, per sample (trainer.engine.feed):
+        g = generator(seed, epoch, position, rank, STREAM_PREPARE)
+        sample = region cap (--precrop-regions, drawn from g), then objective.sample_preparer()(sample, g)
+    per micro-step:
+        ctx = StepContext(step=s, epoch=e, position=p, micro_step=j, accum_steps=k,
+                          values={"lr": ..., "weight_decay": ..., **objective schedules at s},
+                          generator=<generator(seed, epoch, position, rank, STREAM_FORWARD)>)
+        with autocast:
+            out = objective(sample, step_ctx=ctx)   # {"loss": scalar tensor, **scalar metrics}
+        backward(out["loss"] * samples / group_size)
+    after the group's last micro-step (all ranks exchange status, then average gradients):
+        objective.on_before_optimizer_step(hook_ctx)   # grads unscaled; e.g. freeze DINO's last layer in epoch 0
+        clip, optimizer.step()                         # hook_ctx.skipped: fp16 overflow skipped it
+        EMA: teacher = m·teacher + (1−m)·student for objective.ema_pairs(), m = values["ema_momentum"] (not if skipped)
+        objective.on_after_step(hook_ctx)              # e.g. DINO's centre update (hook_ctx.all_reduce_sum)
+        log objective.drain_messages()
+    at each epoch's end (eval mode, no grad, every rank on its shard; samples prepared too):
+        records = [objective.validation_step(sample, device=d) for sample in val_shard]
+        metrics = objective.validation_metrics(all ranks' records)
 
 One forward call handles one sample (one slide) and may run the encoder several
 times (DINO: 2 global + n local views; LatentMIM: context and target passes).
 Per-iteration schedules that belong to the objective (EMA momentum, teacher
 temperature) come from `schedules(plan)`; the engine evaluates them every step
-and passes the values in `step_ctx.values`, and the objective may keep the
-schedule objects to evaluate them in `on_after_step`. Everything in the
+and passes the values in `step_ctx.values` and `HookContext.values`. Everything in the
 objective's `state_dict` (teacher weights, DINO's centre buffer) is checkpointed.
 
 SSL extension (the contract the engine and every objective share):
