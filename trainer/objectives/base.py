@@ -157,9 +157,10 @@ class Objective(nn.Module):
     """Base class of training objectives; subclasses implement `forward` (and, for
     validation, `has_validation = True`, `validation_step` and `validation_metrics`).
 
-    Attributes subclasses set: `encoder` (the model whose weights become the
-    checkpoint's "model"), `name` (registry name), `default_best_metric`,
-    `best_mode` ("max"/"min"), `find_unused_parameters` (for DDP).
+    Attributes subclasses set: `encoder` (the trained model; the checkpoint's "model"
+    is `exported_encoder()`), `name` (registry name), `default_best_metric`,
+    `best_mode` ("max"/"min"). `find_unused_parameters` is kept for compatibility;
+    the engine's explicit gradient averaging handles parameters a step leaves unused.
     """
 
     name: ClassVar[str] = "objective"
@@ -282,5 +283,16 @@ def encode_packed(
 
 
 def move_sample(sample: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The sample with its tensors on `device` (non-blocking); other entries unchanged."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
+    """The sample with its tensors on `device` (non-blocking), also inside nested dicts, lists and
+    tuples (e.g. a preparer's per-view index tensors); other entries unchanged."""
+    return {k: _move(v, device) for k, v in sample.items()}
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: _move(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_move(v, device) for v in value)
+    return value

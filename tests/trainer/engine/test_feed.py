@@ -61,3 +61,12 @@ def test_micro_batches_pack_equal_shape_samples() -> None:
     assert batches[2]["position"] == 4 and "segments" not in batches[2]
     with pytest.raises(ValueError, match="one shape"):
         collate_samples([ColourSlides(1, regions=1)[0], ColourSlides(1, regions=1, size=8)[0]])
+
+
+def test_move_sample_reaches_nested_view_entries() -> None:
+    from trainer.objectives.base import move_sample
+
+    sample = {"regions": torch.zeros(2), "views": [{"indices": torch.arange(3)}, (torch.ones(1), "x")], "id": "s"}
+    moved = move_sample(sample, torch.device("meta"))
+    assert moved["regions"].device.type == "meta" and moved["views"][0]["indices"].device.type == "meta"
+    assert moved["views"][1][0].device.type == "meta" and moved["views"][1][1] == "x" and moved["id"] == "s"
