@@ -1,7 +1,8 @@
 """`SlideSampler`: the order in which slides are visited, per epoch and per rank.
 
 One sampler serves single-process and DDP training. The epoch's global order
-is a function of (seed + epoch) only, so every rank computes the same order and
+is a function of (seed, epoch) only (a SeedSequence of the pair, so seed 0 epoch 1
+never replays seed 1 epoch 0), so every rank computes the same order and
 takes its own shard; shards have equal length (the order is padded by wrapping
 around) so no rank waits for another at the end of an epoch. `start_index`
 skips the first k samples of this rank's shard, so a run resumed mid-epoch
@@ -26,7 +27,7 @@ class SlideSampler(Sampler[int]):
     shuffle: permute per epoch; False keeps dataset order (evaluation).
     balance: draw with replacement, weight of a sample ∝ 1 / (its class count),
         `len(labels)` draws per epoch; every sample needs a label (≥ 0).
-    seed: base seed; the epoch's generator is seeded with seed + epoch.
+    seed: base seed; the epoch's generator is seeded from SeedSequence([seed, epoch]).
     rank, world_size: this process's shard of the epoch's order.
     """
 
@@ -84,7 +85,7 @@ class SlideSampler(Sampler[int]):
 
     def epoch_order(self) -> np.ndarray:
         """The epoch's global order before sharding: (size,) int64 dataset indices."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.balance:
             assert self._labels is not None
             _, inverse, counts = np.unique(self._labels, return_inverse=True, return_counts=True)
@@ -105,5 +106,34 @@ class SlideSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.shard()[self.start_index :].tolist())
 
+    def positioned(self) -> PositionedSampler:
+        """A sampler over (index, position) pairs of the current epoch and start (see `PositionedSampler`)."""
+        return PositionedSampler(self)
+
     def __len__(self) -> int:
         return self.shard_size - self.start_index
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The epoch order's seed: distinct for every (seed, epoch) pair (a 63-bit SeedSequence draw)."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class PositionedSampler(Sampler[tuple[int, int]]):
+    """(dataset index, position in this rank's epoch shard) pairs, from `start_index` on.
+
+    The position is what per-sample randomness is seeded from (with seed, epoch and
+    rank), so DataLoader workers can compute a sample's generator themselves.
+    """
+
+    def __init__(self, sampler: SlideSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start = self.sampler.start_index
+        indices = self.sampler.shard()[start:].tolist()
+        return iter([(index, start + k) for k, index in enumerate(indices)])
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -22,7 +22,7 @@ is copied once, into shared memory, to cross to the main process; with
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from trainer.data.labels import num_classes as count_classes
 from trainer.data.splits import assign_splits
 
 Sample = dict[str, Any]
+RegionSelector = Callable[[np.ndarray], np.ndarray]
 
 
 class TileStoreDataset(Dataset[Sample]):
@@ -56,6 +57,8 @@ class TileStoreDataset(Dataset[Sample]):
         store (see `trainer.data.labels`). A kept slide whose label is not in a
         given map is an error.
     split_assignment: {slide_id: split} overriding the table (e.g. from `kfold`).
+
+    available_splits: the split names the store's slides have (after `split_assignment`).
 
     Sample: regions (n, R, R, 3) torch.uint8; coords (n, 2) torch.int64 (row, col)
     on the region grid; label torch.long scalar (-1: none); slide_id str; index int.
@@ -127,6 +130,8 @@ class TileStoreDataset(Dataset[Sample]):
     ) -> tuple[pd.DataFrame, dict[str, int]]:
         """The kept rows (table order) and how many slides each filter dropped."""
         report = {"slides_in_store": len(full)}
+        split_names = self._split_column(full, split_assignment, val_fraction, split_seed)
+        self.available_splits: list[str] = sorted({str(v) for v in split_names if v is not None and v == v})
         keep = pd.Series(True, index=full.index)
         if slide_ids is not None:
             wanted = [str(s) for s in slide_ids]
@@ -138,7 +143,7 @@ class TileStoreDataset(Dataset[Sample]):
             report["dropped_not_in_subset"] = int((keep & ~subset).sum())
             keep &= subset
         if split is not None:
-            in_split = self._split_column(full, split_assignment, val_fraction, split_seed) == split
+            in_split = split_names == split
             report["dropped_other_split"] = int((keep & ~in_split).sum())
             keep &= in_split
         if require_label:
@@ -174,6 +179,14 @@ class TileStoreDataset(Dataset[Sample]):
         return len(self.slide_ids)
 
     def __getitem__(self, index: int) -> Sample:
+        return self.read(index)
+
+    def read(self, index: int, *, select: RegionSelector | None = None) -> Sample:
+        """Sample `index`; `select(coords) -> indices` (e.g. the region cap) picks regions from
+        the coords before any pixels are read, so only the kept regions are decoded.
+
+        select: called with the slide's (n, 2) int64 coords; returns ascending int indices.
+        """
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} slides")
         index = int(index) % len(self)
@@ -185,9 +198,16 @@ class TileStoreDataset(Dataset[Sample]):
                 f"slide {slide_id!r} in {self.url}: the table says {n} regions but the arrays hold "
                 f"{arrays.regions.shape[0]} regions and {arrays.coords.shape[0]} coords"
             )
+        coords = np.asarray(arrays.coords, dtype=np.int64)
+        if select is None:
+            regions = regions_tensor(arrays.regions)
+        else:
+            keep = np.asarray(select(coords), dtype=np.int64)
+            coords = coords[keep]
+            regions = regions_subset(arrays.regions, keep)
         return {
-            "regions": regions_tensor(arrays.regions),
-            "coords": torch.from_numpy(np.asarray(arrays.coords, dtype=np.int64)),
+            "regions": regions,
+            "coords": torch.from_numpy(np.ascontiguousarray(coords)),
             "label": torch.tensor(int(self.labels[index]), dtype=torch.long),
             "slide_id": slide_id,
             "index": index,
@@ -233,6 +253,19 @@ def regions_tensor(regions: Any) -> torch.Tensor:
     # one batch per slide saves a round of its async machinery per region.
     with zarr.config.set({"codec_pipeline.batch_size": max(int(regions.shape[0]), 1)}):
         array = np.asarray(regions[...])
+    if array.dtype != np.uint8:
+        raise TileStoreError(f"regions must be uint8, the store holds {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def regions_subset(regions: Any, keep: np.ndarray) -> torch.Tensor:
+    """Regions `keep` (ascending indices) of a memmap or lazy zarr array as a new uint8 tensor
+    `(len(keep), R, R, 3)`; only those regions' bytes are read (pages of a memmap, chunks of zarr)."""
+    if isinstance(regions, np.ndarray):
+        array = regions[keep]
+    else:
+        with zarr.config.set({"codec_pipeline.batch_size": max(len(keep), 1)}):
+            array = np.asarray(regions.get_orthogonal_selection((keep,)))
     if array.dtype != np.uint8:
         raise TileStoreError(f"regions must be uint8, the store holds {array.dtype}")
     return torch.from_numpy(np.ascontiguousarray(array))

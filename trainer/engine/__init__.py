@@ -1,5 +1,7 @@
 """The training engine: one loop for every objective (see docs/training.md).
 
-config (recipes) · schedules · optim (AdamW groups) · checkpoint · feed (per-epoch
-loaders) · loop (`Trainer`) · distributed (torchrun/DDP) · run_log (console, CSV, TensorBoard).
+config (recipes) · optim (AdamW groups) · checkpoint · seeding (per-sample generators) ·
+feed (loaders; prepare in workers) · ema (teachers) · interrupt (signals) · memory (estimate) ·
+loop (`Trainer`) · distributed (torchrun, explicit gradient sync) · run_log (console, CSV, TensorBoard).
+Schedules live in the leaf module `trainer.schedules`.
 """

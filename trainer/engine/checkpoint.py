@@ -4,17 +4,25 @@ A checkpoint holds only tensors and plain containers (dict, list, str, int,
 float, bool, None), so loading it never runs arbitrary pickle code:
 
     {"format": "pixel-mamba-checkpoint", "version": 1,
-     "model": encoder state_dict, "model_name": str, "model_config": dict,
+     "model": the exported encoder's state_dict (the objective's `exported_encoder()`:
+              the EMA teacher for LatentMIM and DINO, the trained encoder, head included,
+              for supervised), "model_source": "encoder" | "teacher",
+     "student": the trained encoder's state_dict (only when model_source == "teacher"),
+     "model_name": str, "model_overrides": build_model kwargs, "model_config": dict,
      "objective_name": str, "objective": objective state_dict without the encoder (heads, teachers, centres),
      "optimizer": ..., "scaler": ... or None,
      "step": optimizer steps done, "epoch": current epoch, "position": samples of this epoch consumed (per rank),
      "rng": {"python": [...], "numpy": {...}, "torch": ByteTensor, "cuda": [ByteTensor...]},
      "config": the run's recipe as a plain dict, "label_map": {label: id} or None,
      "region_size": px, "mpp": µm/px or None (image folders), "normalization": {"mean": [..], "std": [..]},
-     "metrics": {"best_metric": name, "best_value": float or None, ...}}
+     "metrics": {"best_metric": name, "best_value": float or None, ...},
+     "settings": what fixes the data order and schedules (seed, accum_steps, batch_size,
+                 world_size, samples_per_epoch, epochs, objective); resume compares them}
 
-Files are written next to their target and renamed into place in one step, so a
-crash never leaves a truncated `last.pt` or `best.pt`.
+Objective extras (`checkpoint_extras`) may add keys but never overwrite these
+(`RESERVED_KEYS`). Files are written next to their target, fsynced, renamed into
+place in one step, and the folder is fsynced after the rename, so neither a crash
+nor a power loss leaves a truncated `last.pt` or `best.pt`.
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ CHECKPOINT_FORMAT = "pixel-mamba-checkpoint"
 CHECKPOINT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
+
+RESERVED_KEYS = frozenset({
+    "format", "version", "model", "model_source", "student", "model_name", "model_overrides", "model_config",
+    "objective_name", "objective", "optimizer", "scaler", "step", "epoch", "position", "world_size",
+    "samples_per_epoch", "rng", "config", "region_size", "mpp", "magnification", "normalization",
+    "data_source", "metrics", "settings",
+})
 
 
 class CheckpointError(Exception):
@@ -93,9 +108,24 @@ def atomic_save(payload: dict[str, Any], path: str | Path) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_copy(source: str | Path, target: str | Path) -> Path:
@@ -104,7 +134,10 @@ def atomic_copy(source: str | Path, target: str | Path) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     try:
         shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return target

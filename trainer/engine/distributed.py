@@ -3,20 +3,31 @@
 Launch with `torchrun --nproc_per_node N -m trainer.cli supervised ...`. Without
 torchrun's variables the run is a single process and every helper is a no-op.
 Backend: nccl on CUDA, gloo on CPU.
+
+Data parallelism is explicit rather than through DistributedDataParallel: rank 0's
+parameters and buffers are broadcast once (`broadcast_module`), and after each
+optimizer step's micro-steps the ranks first exchange a status (losses, metric
+sums and counts, errors, stop requests) and only then average the gradients
+(`all_reduce_gradients`). So every collective happens at a point every rank
+reaches, error or not: an exception on one rank ends all ranks with one clear
+line instead of leaving the others waiting inside a gradient all-reduce. Only
+parameters with `requires_grad` are reduced (EMA teachers never are), and
+buffers are never broadcast after the start (the equivalent of DDP's
+`broadcast_buffers=False`): objective-owned buffers such as DINO's centre are
+kept in step by the objective through `HookContext.all_reduce_sum`. The price is
+no overlap of gradient communication with the backward pass, small for
+Pixel-Mamba's few million parameters against seconds-long slide steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,40 +78,46 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(module: nn.Module, env: DistEnv, device: torch.device, *, find_unused: bool = False) -> nn.Module:
-    """DDP-wrap `module` when distributed, else return it unchanged.
-
-    Frozen parameters (EMA teachers) are ignored by DDP's gradient reduction.
-    """
+def broadcast_module(module: nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's parameters and buffers to every rank (once, before training)."""
     if not env.enabled:
-        return module
-    device_ids = [device.index if device.index is not None else env.local_rank] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-@contextlib.contextmanager
-def maybe_no_sync(module: nn.Module, skip_sync: bool) -> Iterator[None]:
-    """DDP's `no_sync()` on accumulation micro-steps (gradients all-reduced on the last one only)."""
-    if skip_sync and isinstance(module, DistributedDataParallel):
-        with module.no_sync():
-            yield
-    else:
-        yield
+def all_reduce_gradients(params: list[nn.Parameter], env: DistEnv) -> None:
+    """Average `.grad` over ranks, in place. A parameter without a gradient on some ranks gets
+    zeros there; one without a gradient on every rank keeps `grad = None` (AdamW skips it)."""
+    if not env.enabled or not params:
+        return
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    used = [p for p, n in zip(params, present.tolist()) if n > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in used:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(env.world_size)
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum a float64 tensor over ranks (returned as a new CPU tensor)."""
+    """The sum of `values` over ranks, as a new tensor on `values`' device (the input itself when single-process)."""
     if not env.enabled:
         return values
     backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    reduced = values.to(backend_device).clone()
+    reduced = values.detach().to(backend_device).clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced.cpu()
+    return reduced.to(values.device)
 
 
 def all_gather_objects(value: Any, env: DistEnv) -> list[Any]:

@@ -81,7 +81,7 @@ class RunLogger:
                 if math.isfinite(float(value)):
                     self._writer.add_scalar(f"{phase}/{name}", float(value), step)
         if self._bar is not None and phase == "train":
-            shown = {k: metrics[k] for k in ("loss", "lr", "slides_per_s") if k in metrics}
+            shown = {k: metrics[k] for k in ("loss", "lr", "samples_per_s") if k in metrics}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(step - self._bar.n)
 

@@ -3,7 +3,9 @@
 `OBJECTIVES` is the registry the CLI wires: `pm-train <name>` exists for each entry.
 Each objective module registers itself here by name with the dataclass config it
 reads from its recipe section (`[<name>]` in the TOML) and a builder
-`build(encoder, config, context) -> Objective`.
+`build(encoder, config, context) -> Objective`. `objective_cls` (optional) lets
+the CLI read `requires_labels` before building; without it, an objective that
+needs a head is taken to need labels and any other not.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class ObjectiveSpec:
     build: Callable[[Any, Any, BuildContext], Any]
     summary: str
     needs_head: bool = False
+    objective_cls: type | None = None  # lets the CLI read class-level facts (requires_labels) before building
 
 
 def _build_supervised(encoder, config, context: BuildContext):
@@ -41,7 +44,7 @@ def _build_supervised(encoder, config, context: BuildContext):
 
 
 def _supervised_spec() -> ObjectiveSpec:
-    from trainer.objectives.supervised import SupervisedConfig
+    from trainer.objectives.supervised import SupervisedConfig, SupervisedObjective
 
     return ObjectiveSpec(
         name="supervised",
@@ -49,6 +52,7 @@ def _supervised_spec() -> ObjectiveSpec:
         build=_build_supervised,
         summary="Supervised slide classification (cross-entropy on slide labels; QWK/accuracy validation).",
         needs_head=True,
+        objective_cls=SupervisedObjective,
     )
 
 

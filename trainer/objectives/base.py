@@ -4,26 +4,31 @@ An objective is an `nn.Module` that owns the encoder being trained (`self.encode
 a PixelMamba) and everything else the loss needs: heads, predictors, EMA teachers,
 centres. The engine (trainer.engine.loop) drives every objective the same way:
 
-    ctx = StepContext(step=s, epoch=e, position=p, micro_step=j, accum_steps=k,
-                      values={"lr": ..., "weight_decay": ..., **objective schedules at s},
-                      generator=<torch.Generator seeded from (seed, epoch, position, rank)>)
-    with autocast:
-        out = objective(sample, step_ctx=ctx)   # {"loss": scalar tensor, **scalar metrics}
-    backward(out["loss"] / group_size)          # one slide per micro-step; group_size <= accum_steps
-    ... after the group's last micro-step:
-    objective.on_before_optimizer_step(step)    # grads unscaled; e.g. freeze DINO's last layer in epoch 0
-    clip, optimizer.step()
-    objective.on_after_step(step)               # e.g. EMA teacher update with momentum schedule(step)
-    ... at each epoch's end (eval mode, no grad, every rank on its shard):
-    records = [objective.validation_step(sample, device=d) for sample in val_shard]
-    metrics = objective.validation_metrics(all ranks' records)
+    in the DataLoader workers, per sample (trainer.engine.feed):
+        g = generator(seed, epoch, position, rank, STREAM_PREPARE)
+        sample = region cap (--precrop-regions, drawn from g), then objective.sample_preparer()(sample, g)
+    per micro-step:
+        ctx = StepContext(step=s, epoch=e, position=p, micro_step=j, accum_steps=k,
+                          values={"lr": ..., "weight_decay": ..., **objective schedules at s},
+                          generator=<generator(seed, epoch, position, rank, STREAM_FORWARD)>)
+        with autocast:
+            out = objective(sample, step_ctx=ctx)   # {"loss": scalar tensor, **scalar metrics}
+        backward(out["loss"] * samples / group_size)
+    after the group's last micro-step (all ranks exchange status, then average gradients):
+        objective.on_before_optimizer_step(hook_ctx)   # grads unscaled; e.g. freeze DINO's last layer in epoch 0
+        clip, optimizer.step()                         # hook_ctx.skipped: fp16 overflow skipped it
+        EMA: teacher = m·teacher + (1−m)·student for objective.ema_pairs(), m = values["ema_momentum"] (not if skipped)
+        objective.on_after_step(hook_ctx)              # e.g. DINO's centre update (hook_ctx.all_reduce_sum)
+        log objective.drain_messages()
+    at each epoch's end (eval mode, no grad, every rank on its shard; samples prepared too):
+        records = [objective.validation_step(sample, device=d) for sample in val_shard]
+        metrics = objective.validation_metrics(all ranks' records)
 
 One forward call handles one sample (one slide) and may run the encoder several
 times (DINO: 2 global + n local views; LatentMIM: context and target passes).
 Per-iteration schedules that belong to the objective (EMA momentum, teacher
 temperature) come from `schedules(plan)`; the engine evaluates them every step
-and passes the values in `step_ctx.values`, and the objective may keep the
-schedule objects to evaluate them in `on_after_step`. Everything in the
+and passes the values in `step_ctx.values` and `HookContext.values`. Everything in the
 objective's `state_dict` (teacher weights, DINO's centre buffer) is checkpointed.
 
 SSL extension (the contract the engine and every objective share):
@@ -48,11 +53,22 @@ SSL extension (the contract the engine and every objective share):
   for LatentMIM and DINO). The student is still saved for resume.
 - `requires_labels = False` for SSL objectives: they train on every slide of the
   training split, labelled or not.
+- `validation_metric_names()` lists the metrics `validation_metrics` can return
+  (None: not known in advance), so a mistyped `best_metric` is refused at start-up.
+- `regions_per_step(n_regions)`: how many regions the encoder processes (forward
+  and backward, all passes together) for a slide of `n_regions` after the region
+  cap; the engine's memory estimate multiplies it by the measured per-region peak.
+  E.g. LatentMIM: visible regions with gradients + target regions without;
+  DINO: the regions of all views. The default is `n_regions` (one pass).
+- Micro-batches: with `data.batch_size` B > 1 the sample holds B samples packed
+  (`segments`, see `trainer.data.collate`) and `forward` returns the mean loss
+  over them; `step_ctx.generators` has one generator per sample.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -60,7 +76,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from trainer.engine.schedules import CosineSchedule
+from trainer.schedules import CosineSchedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,9 +95,13 @@ class StepContext:
     step: the optimizer step this micro-step contributes to (0-based).
     position: index of this sample within the rank's epoch shard.
     values: schedule values at `step` ("lr", "weight_decay", plus the objective's own).
-    generator: CPU generator for the sample's randomness (views, masks, fusion
-        splits); seeded from (seed, epoch, position, rank) so a resumed run redraws
-        exactly the same numbers.
+    generator: CPU generator for the sample's forward randomness (fusion splits,
+        drop path); seeded from (seed, epoch, position, rank, STREAM_FORWARD) so a
+        resumed run redraws exactly the same numbers. For a micro-batch, the first
+        sample's generator.
+    generators: one such generator per sample of a micro-batch (`batch_size` > 1,
+        see `trainer.data.collate`); `(generator,)` for a single sample.
+    batch_size: samples in this micro-step's (collated) sample.
     """
 
     step: int
@@ -92,6 +112,8 @@ class StepContext:
     device: torch.device
     values: Mapping[str, float] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    generators: tuple[torch.Generator, ...] = ()
+    batch_size: int = 1
 
 
 STREAM_FORWARD = 0
@@ -135,9 +157,10 @@ class Objective(nn.Module):
     """Base class of training objectives; subclasses implement `forward` (and, for
     validation, `has_validation = True`, `validation_step` and `validation_metrics`).
 
-    Attributes subclasses set: `encoder` (the model whose weights become the
-    checkpoint's "model"), `name` (registry name), `default_best_metric`,
-    `best_mode` ("max"/"min"), `find_unused_parameters` (for DDP).
+    Attributes subclasses set: `encoder` (the trained model; the checkpoint's "model"
+    is `exported_encoder()`), `name` (registry name), `default_best_metric`,
+    `best_mode` ("max"/"min"). `find_unused_parameters` is kept for compatibility;
+    the engine's explicit gradient averaging handles parameters a step leaves unused.
     """
 
     name: ClassVar[str] = "objective"
@@ -212,6 +235,15 @@ class Objective(nn.Module):
         """Metrics over all validation records (e.g. qwk, balanced accuracy)."""
         return {}
 
+    def validation_metric_names(self) -> set[str] | None:
+        """Names `validation_metrics` may return (None: unknown, `best_metric` is then checked after
+        the first validation)."""
+        return None
+
+    def regions_per_step(self, n_regions: int) -> float:
+        """Regions the encoder processes for one slide of `n_regions` (for the memory estimate)."""
+        return float(n_regions)
+
     def checkpoint_extras(self) -> dict[str, Any]:
         """Plain-data entries for the checkpoint (e.g. {"label_map": ...})."""
         return {}
@@ -228,6 +260,39 @@ class Objective(nn.Module):
             raise KeyError(f"objective state does not fit: missing {missing}, unexpected {list(unexpected)}")
 
 
+def encode_packed(
+    encoder: nn.Module, regions: torch.Tensor, segments: torch.Tensor, generators: list[torch.Generator]
+) -> list[Any]:
+    """Encode a micro-batch: one `PixelMambaOutput` per view/sample (segment id 0..B−1, in order).
+
+    regions: (N, R, R, 3) uint8; segments: (N,) long, non-decreasing view index per region;
+    generators: one per view. Uses the model's packed forward (`encoder(regions,
+    segments=..., generator=[...])`) where the model has one, else one call per view
+    (the packed forward is specified to equal exactly that).
+    """
+    counts = torch.bincount(segments.cpu(), minlength=len(generators)).tolist()
+    if len(counts) != len(generators):
+        raise ValueError(f"{len(counts)} segments but {len(generators)} generators")
+    if "segments" in inspect.signature(encoder.forward).parameters:
+        return list(encoder(regions, segments=segments, generator=list(generators)))
+    outputs, start = [], 0
+    for count, generator in zip(counts, generators):
+        outputs.append(encoder(regions[start : start + count], generator=generator))
+        start += count
+    return outputs
+
+
 def move_sample(sample: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The sample with its tensors on `device` (non-blocking); other entries unchanged."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
+    """The sample with its tensors on `device` (non-blocking), also inside nested dicts, lists and
+    tuples (e.g. a preparer's per-view index tensors); other entries unchanged."""
+    return {k: _move(v, device) for k, v in sample.items()}
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: _move(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_move(v, device) for v in value)
+    return value

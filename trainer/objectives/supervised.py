@@ -11,9 +11,10 @@ is copied, the head starts fresh.
 Targets: the sample's `target` (K,) soft label when present (Mixup/CutMix in
 image-folder mode: soft cross-entropy), else its integer `label` with optional
 label smoothing. Validation: accuracy, balanced accuracy and quadratic weighted
-kappa (all K labels passed to sklearn). The best checkpoint follows QWK when
-the labels are ordinal (the label map is integers mapping to themselves, as
-ISUP grades 0–5), else balanced accuracy.
+kappa (all K labels passed to sklearn; reported only when the labels are
+ordinal: the label map is integers mapping to themselves, as ISUP grades 0–5,
+or `ordinal = true`). The best checkpoint follows QWK for ordinal labels, else
+balanced accuracy.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.base import Objective, StepContext
+from trainer.objectives.base import Objective, StepContext, encode_packed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,11 +103,15 @@ class SupervisedObjective(Objective):
         self.num_classes = num_classes
         self.label_map = {str(k): int(v) for k, v in label_map.items()}
         self.config = config
-        ordinal = is_ordinal(self.label_map) if config.ordinal is None else config.ordinal
-        self.default_best_metric = "qwk" if ordinal else "balanced_accuracy"
+        self.ordinal = is_ordinal(self.label_map) if config.ordinal is None else config.ordinal
+        self.default_best_metric = "qwk" if self.ordinal else "balanced_accuracy"
 
     def forward(self, sample: Mapping[str, Any], *, step_ctx: StepContext) -> dict[str, torch.Tensor]:
-        """sample: regions (n, R, R, 3) uint8, label long scalar, optional target (K,) float."""
+        """sample: regions (n, R, R, 3) uint8, label long scalar, optional target (K,) float;
+        or a micro-batch (`segments` (B·n,), label (B,), target (B, K); see trainer.data.collate):
+        the mean loss over its B samples, each encoded with its own generator."""
+        if "segments" in sample:
+            return self._forward_batch(sample, step_ctx)
         regions = sample["regions"]
         limit = self.config.train_regions
         if limit and regions.shape[0] > limit:
@@ -125,6 +130,32 @@ class SupervisedObjective(Objective):
             loss = F.cross_entropy(logits[None], label[None], label_smoothing=self.config.label_smoothing)
             correct = logits.argmax() == label
         return {"loss": loss, "accuracy": correct.float().detach()}
+
+    def _forward_batch(self, sample: Mapping[str, Any], step_ctx: StepContext) -> dict[str, torch.Tensor]:
+        labels = sample["label"].reshape(-1).long()
+        generators = list(step_ctx.generators) or [step_ctx.generator] * labels.numel()
+        outputs = encode_packed(self.encoder, sample["regions"], sample["segments"], generators)
+        logits = torch.stack([o.logits.float() for o in outputs])
+        target = sample.get("target")
+        if target is not None:
+            target = target.float().reshape(logits.shape)
+            loss = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            correct = logits.argmax(dim=-1) == target.argmax(dim=-1)
+        else:
+            if (labels < 0).any():
+                missing = [s for s, y in zip(sample.get("slide_id", []), labels.tolist()) if y < 0]
+                raise ValueError(f"samples {missing!r} have no label; supervised training needs one")
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+            correct = logits.argmax(dim=-1) == labels
+        return {"loss": loss, "accuracy": correct.float().mean().detach()}
+
+    def regions_per_step(self, n_regions: int) -> float:
+        limit = self.config.train_regions
+        return float(min(n_regions, limit) if limit else n_regions)
+
+    def validation_metric_names(self) -> set[str]:
+        names = {"accuracy", "balanced_accuracy", "loss"}
+        return names | {"qwk"} if self.ordinal else names
 
     def validation_step(self, sample: Mapping[str, Any], *, device: torch.device) -> dict[str, Any]:
         regions = sample["regions"]
@@ -150,6 +181,8 @@ class SupervisedObjective(Objective):
         labels = np.array([r["label"] for r in labelled])
         predictions = np.array([r["prediction"] for r in labelled])
         metrics = classification_metrics(labels, predictions, self.num_classes)
+        if not self.ordinal:  # kappa's quadratic weights mean nothing for unordered classes
+            metrics.pop("qwk")
         metrics["loss"] = float(np.mean([r["loss"] for r in labelled]))
         return metrics
 

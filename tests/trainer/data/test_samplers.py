@@ -78,3 +78,14 @@ def test_bad_arguments():
         SlideSampler(4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="start_index"):
         SlideSampler(4, start_index=5)
+
+
+def test_seed_epoch_pairs_never_replay_each_other() -> None:
+    from trainer.data.samplers import SlideSampler, epoch_seed
+
+    assert epoch_seed(0, 1) != epoch_seed(1, 0)
+    a = SlideSampler(50, seed=0)
+    a.set_epoch(1)
+    b = SlideSampler(50, seed=1)
+    b.set_epoch(0)
+    assert a.epoch_order().tolist() != b.epoch_order().tolist()

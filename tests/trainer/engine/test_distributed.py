@@ -1,4 +1,5 @@
-"""DDP on CPU: two gloo processes train a few steps and keep identical weights."""
+"""Data parallelism on CPU: two gloo processes keep identical weights, average each metric over its own
+count, and an error on one rank ends both with one message."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-from engine_data import ColourSlides
+from engine_data import ColourSlides, ParamObjective
 
 from trainer.engine.checkpoint import load_checkpoint
 from trainer.engine.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.engine.feed import SlideFeed
-from trainer.engine.loop import LoopConfig, Trainer
+from trainer.engine.loop import LoopConfig, RankFailure, Trainer
 from trainer.engine.optim import OptimConfig
 from trainer.models import build_model
 from trainer.objectives.supervised import SupervisedConfig, SupervisedObjective
@@ -69,3 +70,74 @@ def test_two_gloo_ranks_stay_identical(tmp_path) -> None:
     payload = load_checkpoint(tmp_path / "last.pt")
     assert payload["world_size"] == 2 and payload["step"] == 2
     assert all(torch.equal(payload["model"][k], v) for k, v in r0["model"].items())
+
+
+class RankObjective(ParamObjective):
+    """Rank-dependent metrics; raises on rank 1 at optimizer step `fail_at`."""
+
+    def __init__(self, rank: int, fail_at: int | None) -> None:
+        super().__init__()
+        self.rank, self.fail_at = rank, fail_at
+
+    def forward(self, sample, *, step_ctx):
+        if self.rank == 1 and step_ctx.step == self.fail_at:
+            raise ValueError("boom on purpose")
+        out = super().forward(sample, step_ctx=step_ctx)
+        out["common"] = torch.tensor(float(self.rank))
+        if self.rank == 1:
+            out["only_rank1"] = torch.tensor(5.0)
+        if step_ctx.micro_step == 0:
+            out["first_micro"] = torch.tensor(float(10 * self.rank))
+        return out
+
+
+def _metrics_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = init_distributed(torch.device("cpu"), DistEnv(rank=rank, local_rank=rank, world_size=world_size))
+    try:
+        torch.manual_seed(rank)
+        objective = RankObjective(rank, fail_at=1)
+        trainer = Trainer(
+            objective, train=SlideFeed(ColourSlides(8, size=4), env=env, seed=0), val=None,
+            optim_config=OptimConfig(lr=1e-2, weight_decay=0.0),
+            loop_config=LoopConfig(epochs=1, accum_steps=2, tensorboard=False, progress=False),
+            out_dir=out_dir, device=torch.device("cpu"), env=env,
+        )
+        rows = []
+        original = trainer._optimizer_step
+
+        def record(source):
+            row, stop = original(source)
+            rows.append(row)
+            return row, stop
+
+        trainer._optimizer_step = record
+        error = None
+        try:
+            trainer.fit()
+        except RankFailure as exc:
+            error = (str(exc), exc.rank, exc.local)
+        torch.save({"rows": rows, "error": error, "weight": objective.encoder.weight.detach()},
+                   f"{out_dir}/metrics{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def test_metrics_use_their_own_counts_and_an_error_on_one_rank_ends_both(tmp_path) -> None:
+    mp.spawn(_metrics_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "metrics0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "metrics1.pt", weights_only=True)
+    assert len(r0["rows"]) == len(r1["rows"]) == 1  # step 0 done; step 1 failed on rank 1
+    row = r0["rows"][0]
+    timing = {"samples_per_s"}
+    assert {k: v for k, v in row.items() if k not in timing} == {
+        k: v for k, v in r1["rows"][0].items() if k not in timing}
+    assert row["common"] == 0.5  # 2 samples of rank 0 (0.0) and 2 of rank 1 (1.0)
+    assert row["only_rank1"] == 5.0  # averaged over rank 1's 2 samples only, not over 4
+    assert row["first_micro"] == 5.0  # one sample per rank reported it
+    assert r0["error"] == ("rank 1 of 2: ValueError: boom on purpose", 1, False)
+    assert r1["error"] == ("rank 1 of 2: ValueError: boom on purpose", 1, True)
+    assert torch.equal(r0["weight"], r1["weight"])

@@ -13,7 +13,7 @@ from trainer.engine.checkpoint import load_checkpoint
 from trainer.engine.feed import SlideFeed
 from trainer.engine.loop import LoopConfig, NonFiniteLossError, Trainer
 from trainer.engine.optim import OptimConfig, apply_schedule_values
-from trainer.engine.schedules import CosineSchedule
+from trainer.schedules import CosineSchedule
 from trainer.models import build_model
 from trainer.objectives.base import Objective, StepContext, TrainingPlan
 from trainer.objectives.supervised import SupervisedConfig, SupervisedObjective

@@ -129,3 +129,42 @@ def test_region_caps_limit_the_regions_seen() -> None:
     with torch.no_grad():
         objective.validation_step(sample, device=torch.device("cpu"))
     assert seen == [3, 4]
+
+
+def _batch(objective, count: int = 3):
+    from trainer.data.collate import collate_samples
+
+    samples = []
+    for i in range(count):
+        regions = torch.randint(0, 255, (1, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        samples.append({"regions": regions, "coords": torch.zeros((1, 2), dtype=torch.long),
+                        "label": torch.tensor(i % 3), "slide_id": f"img{i}", "index": i, "position": i})
+    generators = tuple(torch.Generator().manual_seed(10 + i) for i in range(count))
+    ctx = StepContext(step=0, epoch=0, position=0, micro_step=0, accum_steps=count, device=torch.device("cpu"),
+                      generator=generators[0], generators=generators, batch_size=count)
+    return samples, collate_samples(samples), ctx
+
+
+def test_a_micro_batch_is_the_mean_of_its_samples_with_their_own_generators(objective) -> None:
+    samples, batch, ctx = _batch(objective)
+    out = objective(batch, step_ctx=ctx)
+    separate = [
+        objective(s, step_ctx=StepContext(step=0, epoch=0, position=i, micro_step=0, accum_steps=3,
+                                          device=torch.device("cpu"), generator=torch.Generator().manual_seed(10 + i)))
+        for i, s in enumerate(samples)
+    ]
+    assert out["loss"].item() == pytest.approx(np.mean([o["loss"].item() for o in separate]), rel=1e-5)
+    assert out["accuracy"].item() == pytest.approx(np.mean([o["accuracy"].item() for o in separate]))
+
+
+def test_a_micro_batch_uses_the_models_packed_forward_where_it_exists(objective) -> None:
+    import inspect
+
+    if "segments" not in inspect.signature(objective.encoder.forward).parameters:
+        pytest.skip("this branch's PixelMamba.forward has no `segments` (packing is added in parallel)")
+    samples, batch, ctx = _batch(objective)
+    packed = objective(batch, step_ctx=ctx)
+    separate = [objective.encoder(s["regions"], generator=torch.Generator().manual_seed(10 + i)).logits
+                for i, s in enumerate(samples)]
+    expected = F.cross_entropy(torch.stack(separate).float(), batch["label"], label_smoothing=0.1)
+    assert packed["loss"].item() == pytest.approx(expected.item(), rel=1e-4)

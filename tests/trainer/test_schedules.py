@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.engine.schedules import CosineSchedule, cosine_from_epochs
+from trainer.schedules import CosineSchedule, cosine_from_epochs
 
 
 def test_warmup_then_cosine_values_at_known_steps() -> None:
