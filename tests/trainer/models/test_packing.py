@@ -238,14 +238,17 @@ def test_block_refuses_a_mis_shaped_per_token_keep_scale() -> None:
 # --- PixelMamba ---------------------------------------------------------------------------------------
 
 
+SIZE = 16  # region size: the tiny schedule's 4×4-px final tokens, a 4×4 final grid
+
+
 def _regions(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+    return torch.randint(0, 256, (n, SIZE, SIZE, 3), generator=g, dtype=torch.uint8)
 
 
 def _model(backend: str, **overrides):
     torch.manual_seed(0)
-    return build_model("pixel_mamba_tiny", ssm_backend=backend, num_classes=3, **overrides)
+    return build_model("pixel_mamba_tiny", ssm_backend=backend, num_classes=3, region_size=SIZE, **overrides)
 
 
 def _gens(views: int, seed: int = 100) -> list[torch.Generator]:
@@ -328,7 +331,7 @@ def test_unequal_views_are_packed_into_one_sequence_with_seq_idx() -> None:
     with torch.no_grad():
         model(_regions(3), segments=torch.tensor([0, 0, 1]))
     (batch, length), seq_idx = seen[0]
-    tokens = 32 * 32 + 1
+    tokens = SIZE * SIZE + 1
     assert (batch, length) == (1, 3 * tokens)
     assert seq_idx.dtype == torch.int32 and seq_idx.tolist() == [[0] * (2 * tokens) + [1] * tokens]
 
