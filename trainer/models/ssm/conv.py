@@ -4,11 +4,14 @@ On CUDA tensors, ``causal_conv1d_fn`` from the ``causal-conv1d`` package is used
 when it imports (tried once, here); everywhere else ``F.conv1d`` with width − 1
 zeros of left padding, which computes the same function.
 
-Packing: with ``seq_idx: (batch, L)`` a tap reads token t − s only when
-``seq_idx[t − s] == seq_idx[t]`` (causal-conv1d's rule), so every packed
-sequence is convolved as if it stood alone with zeros before its first token.
+Packing: with ``seq_idx: (batch, L)`` a new sequence starts wherever seq_idx
+changes from one token to the next (as in the scan), and no tap reaches back
+across a start, so every packed sequence is convolved as if it stood alone with
+zeros before its first token. For sequences that are contiguous runs of
+distinct ids this is causal-conv1d's rule (tap t − s used iff its seq_idx equals t's).
 The fused kernel takes ``seq_idx`` only in channel-last layout, so x is handed
-to it that way; the unfused path sums the width shifted, masked copies of x.
+to it that way; the unfused path spaces the sequences apart with width − 1
+zeros and runs ``F.conv1d`` once per batch row.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def causal_conv1d(
     """y[b, c, t] = act(bias[c] + Σ_k weight[c, k] · x[b, c, t − (width − 1) + k]), zeros before t = 0.
 
     x: (batch, d, L); weight: (d, width); bias: (d,) or None;
-    seq_idx: (batch, L) integer or None — terms whose token has another seq_idx than t's are dropped;
+    seq_idx: (batch, L) integer or None — terms reaching back across a change of seq_idx are dropped;
     activation: None, "silu" or "swish" (the same). backend: "cuda" forces the
     fused kernel (error when it is unavailable or x is not on CUDA); "auto" uses
     it on CUDA when present; "torch" and "numba" use ``F.conv1d`` (numba has no
@@ -84,14 +87,21 @@ def causal_conv1d(
 
 
 def _masked_conv(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
-    """The unfused conv with taps across seq_idx boundaries dropped: Σ over shifts s = 0..width − 1 of
-    weight[:, width − 1 − s] · x[t − s] · [seq_idx[t − s] == seq_idx[t]]. x (batch, d, L) → (batch, d, L)."""
-    width, L = weight.shape[1], x.shape[2]
-    y = x * weight[:, width - 1, None]
-    if bias is not None:
-        y = y + bias[:, None]
-    for s in range(1, min(width, L)):
-        same = (seq_idx[:, s:] == seq_idx[:, :-s]).to(x.dtype)  # (batch, L − s): token t − s is in t's sequence
-        tap = x[:, :, :-s] * (weight[:, width - 1 - s, None] * same[:, None, :])
-        y = y + F.pad(tap, (s, 0))
-    return y
+    """The unfused conv with no tap across a change of seq_idx: x (batch, d, L) → (batch, d, L).
+
+    Each row's tokens are copied apart so that width − 1 zeros precede every sequence start,
+    convolved with ``F.conv1d`` and gathered back — every sequence sees exactly the zeros a
+    separate call would pad it with (taps never reach the sequence before the zeros).
+    """
+    batch, d, L = x.shape
+    width = weight.shape[1]
+    starts = torch.zeros(seq_idx.shape, dtype=torch.long, device=x.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    pos = torch.arange(L, device=x.device) + torch.cumsum(starts, dim=1) * (width - 1)  # (batch, L) spread-out positions
+    spread = int(pos[:, -1].max()) + 1
+    rows = []
+    for b in range(batch):
+        spaced = x.new_zeros(d, spread).index_copy(1, pos[b], x[b])
+        y = F.conv1d(F.pad(spaced, (width - 1, 0)).unsqueeze(0), weight.unsqueeze(1), bias, groups=d)
+        rows.append(y[0].index_select(1, pos[b]))
+    return torch.stack(rows)
