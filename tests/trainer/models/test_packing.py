@@ -407,3 +407,19 @@ def test_bad_segments_are_refused(segments, match) -> None:
 def test_generator_list_must_match_the_views() -> None:
     with pytest.raises(ValueError, match="2 generators for 3 view"):
         _model("torch")(_regions(3), segments=torch.tensor([0, 1, 2]), generator=_gens(2))
+
+
+def test_packed_views_with_activation_checkpointing_equal_without() -> None:
+    counts = [3, 1, 2]
+    segments = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    results = []
+    for k in (0, 3):
+        model = _model("torch", drop_path_rate=0.5, checkpoint_layers=k).train()
+        outs = model(_regions(6), segments=segments, generator=_gens(3))
+        _loss(outs).backward()
+        results.append((outs, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, g_plain), (ckpt, g_ckpt) = results
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a.cls_tokens, b.cls_tokens)
+    for n in g_plain:
+        torch.testing.assert_close(g_plain[n], g_ckpt[n])
