@@ -11,10 +11,13 @@ couples all views, so separate forwards also share one backward).
 - ``separate``: ``model(regions[view], generator=g_v)`` for each view, the
   baseline (the thesis's way: views cannot be batched).
 
-Each (backend, mode) runs in a fresh subprocess so that its peak RSS
-(``ru_maxrss``) is its own; one untimed warm-up step (numba cache, allocator),
-then the median of ``--steps`` timed steps. The script also checks that both
-modes give the same loss (to float tolerance) before it reports anything.
+Time: per backend, one subprocess runs one untimed warm-up step of each mode
+(numba cache, allocator), then ``--steps`` rounds of one step of each mode,
+alternating which goes first, so that both modes see the same machine load (the
+shared CI cores are noisy); reported: the median step of each mode and the
+median of the per-round ratios. Memory: each (backend, mode) runs one step in a
+fresh subprocess, so that its peak RSS (``ru_maxrss``) is its own. The script
+checks that both modes give the same loss (to float tolerance).
 
     python bench/packing.py                                  # tiny model, 32 px, DINO views, numba + torch
     python bench/packing.py --views 4 4 4 4 4 4 4 4          # equal views: the batch path (B = 8)
@@ -35,18 +38,18 @@ import time
 
 CHILD_FLAG = "--child"
 DINO_VIEWS = [8, 7, 2, 3, 2, 3, 2, 3]  # 2 global + 6 local views, regions per view
+MODES = ("separate", "packed")
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_child(args: argparse.Namespace) -> None:
-    """One (backend, mode): warm-up + timed steps in this process; prints one JSON line."""
+def _setup(args: argparse.Namespace):
+    """The model and a ``step(mode, seed) -> loss`` closure for one backend."""
     import torch
 
     from trainer.models import build_model
-    from trainer.models.ssm import resolve_backend
 
     torch.manual_seed(0)
     model = build_model(
@@ -57,9 +60,9 @@ def run_child(args: argparse.Namespace) -> None:
     segments = torch.repeat_interleave(torch.arange(len(views)), torch.tensor(views))
     starts = [sum(views[:v]) for v in range(len(views) + 1)]
 
-    def step(seed: int) -> float:
+    def step(mode: str, seed: int) -> float:
         gens = [torch.Generator().manual_seed(seed * 1000 + v) for v in range(len(views))]
-        if args.mode == "packed":
+        if mode == "packed":
             outputs = model(regions, segments=segments, generator=gens)
         else:
             outputs = [model(regions[starts[v] : starts[v + 1]], generator=g) for v, g in enumerate(gens)]
@@ -69,18 +72,31 @@ def run_child(args: argparse.Namespace) -> None:
         model.zero_grad(set_to_none=True)
         return float(loss)
 
-    loss0 = step(0)  # warm-up
-    rss_after_warmup = _rss_mib()
-    times = []
-    for s in range(1, args.steps + 1):
-        t0 = time.perf_counter()
-        step(s)
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({
-        "mode": args.mode, "backend": resolve_backend(args.backend, "cpu"), "threads": torch.get_num_threads(),
-        "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-        "peak_rss_mib": _rss_mib(), "rss_after_warmup_mib": rss_after_warmup, "loss0": loss0,
-    }), flush=True)  # fmt: skip
+    return step
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """``args.task`` "time": alternating timed steps of both modes; "memory": one step of ``args.mode``. One JSON line."""
+    import torch
+
+    from trainer.models.ssm import resolve_backend
+
+    step = _setup(args)
+    out = {"backend": resolve_backend(args.backend, "cpu"), "threads": torch.get_num_threads()}
+    if args.task == "memory":
+        out.update(mode=args.mode, loss0=step(args.mode, 0), peak_rss_mib=_rss_mib())
+    else:
+        losses = {mode: step(mode, 0) for mode in MODES}  # warm-up
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for s in range(1, args.steps + 1):
+            for mode in MODES if s % 2 else MODES[::-1]:
+                t0 = time.perf_counter()
+                step(mode, s)
+                times[mode].append(time.perf_counter() - t0)
+        ratios = [a / b for a, b in zip(times["separate"], times["packed"])]
+        out.update(times_s=times, losses=losses, median_s={m: statistics.median(t) for m, t in times.items()},
+                   speedup=statistics.median(ratios))  # fmt: skip
+    print(json.dumps(out), flush=True)
 
 
 def _run(spec: dict, timeout: float) -> dict:
@@ -98,26 +114,27 @@ def run_parent(args: argparse.Namespace) -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
         f"{args.model} at {args.region_size} px, views {args.views} ({sum(args.views)} regions), fusion on, "
-        f"train mode, fwd+bwd, median of {args.steps} steps"
+        f"train mode, fwd+bwd, {args.steps} alternating rounds"
     )
     print(f"{'backend':>7} {'separate s':>11} {'packed s':>9} {'speed-up':>9} {'sep. peak RSS MiB':>18} {'packed peak RSS MiB':>20}")
     results = []
     for backend in args.backends:
-        row = {}
-        for mode in ("separate", "packed"):
-            spec = {"model": args.model, "region_size": args.region_size, "views": args.views, "backend": backend,
-                    "mode": mode, "steps": args.steps}  # fmt: skip
-            row[mode] = _run(spec, args.timeout)
+        base = {"model": args.model, "region_size": args.region_size, "views": args.views, "backend": backend,
+                "steps": args.steps}  # fmt: skip
+        row = {"time": _run({**base, "task": "time"}, args.timeout)}
+        for mode in MODES:
+            row[mode] = _run({**base, "task": "memory", "mode": mode}, args.timeout)
         results.append({"backend": backend, **row})
-        bad = [m for m in row if "error" in row[m]]
+        bad = [k for k in row if "error" in row[k]]
         if bad:
-            print(f"{backend:>7}  failed ({', '.join(bad)}):\n" + "\n".join(row[m]["error"] for m in bad))
+            print(f"{backend:>7}  failed ({', '.join(bad)}):\n" + "\n".join(row[k]["error"] for k in bad))
             continue
         sep, pk = row["separate"], row["packed"]
         if abs(sep["loss0"] - pk["loss0"]) > 1e-4 * max(1.0, abs(sep["loss0"])):
             raise SystemExit(f"{backend}: packed loss {pk['loss0']} differs from separate {sep['loss0']}")
+        t = row["time"]
         print(
-            f"{sep['backend']:>7} {sep['median_s']:11.3f} {pk['median_s']:9.3f} {sep['median_s'] / pk['median_s']:8.2f}× "
+            f"{t['backend']:>7} {t['median_s']['separate']:11.3f} {t['median_s']['packed']:9.3f} {t['speedup']:8.2f}× "
             f"{sep['peak_rss_mib']:18.0f} {pk['peak_rss_mib']:20.0f}",
             flush=True,
         )
@@ -135,7 +152,7 @@ def main() -> None:
     p.add_argument("--region-size", type=int, default=32, help="region size in px (must suit the model's schedule)")
     p.add_argument("--views", type=int, nargs="+", default=DINO_VIEWS, help="regions per view")
     p.add_argument("--backends", nargs="+", default=["numba", "torch"], help="selective-scan backends to compare")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (one step of each mode per round, after one warm-up)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per configuration")
     p.add_argument("--json", default="", help="also write the results here")
     run_parent(p.parse_args())
