@@ -9,6 +9,11 @@
 - backward direction = the forward computation on the flipped sequence (x and z
   flipped), flipped back; output ``out_proj((y_f + y_b) / 2)``.
 
+Packing: ``seq_idx: (B, L)`` integer marks which sequence each token belongs to;
+conv taps and scan states never cross a change of seq_idx (flipped with the
+sequence for the backward direction, so its resets fall on the same boundaries),
+so every packed sequence is mixed exactly as if it were alone.
+
 Scan inputs are cast to float32 and the conv + scan run with autocast off, as
 mamba-ssm does; the projections follow the ambient autocast dtype.
 
@@ -99,13 +104,13 @@ class _Direction(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(inv_softplus)
 
-    def forward(self, x: Tensor, z: Tensor, *, backend: str) -> Tensor:
-        """x, z: (B, d_inner, L) float32 → y: (B, d_inner, L) float32 (gated by silu(z))."""
+    def forward(self, x: Tensor, z: Tensor, *, backend: str, seq_idx: Tensor | None = None) -> Tensor:
+        """x, z: (B, d_inner, L) float32; seq_idx: (B, L) int32 or None → y: (B, d_inner, L) float32 (gated by silu(z))."""
         weight = self.conv1d.weight.squeeze(1).float()
         # The "cuda" scan backend uses causal-conv1d only if present (it is optional beside
         # mamba-ssm): "auto" picks it on CUDA when it imports, F.conv1d otherwise.
         conv_backend = "auto" if backend == "cuda" else backend
-        x = causal_conv1d(x, weight, self.conv1d.bias.float(), activation="silu", backend=conv_backend)
+        x = causal_conv1d(x, weight, self.conv1d.bias.float(), activation="silu", seq_idx=seq_idx, backend=conv_backend)
         # x_proj applied as three matmuls on the channels-first x: each result is already the
         # contiguous (B, ·, L) layout the scan takes, and no (B, L, dt_rank + 2N) tensor is kept.
         w_dt, w_b, w_c = torch.split(self.x_proj.weight.float(), [self.dt_rank, self.d_state, self.d_state], dim=0)
@@ -120,6 +125,7 @@ class _Direction(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
+            seq_idx=seq_idx,
             backend=backend,
         )
 
@@ -135,15 +141,16 @@ class BidirectionalMamba(nn.Module):
         self.fwd = _Direction(cfg)
         self.bwd = _Direction(cfg)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden: (B, L, d) → (B, L, d) in the ambient (autocast) dtype."""
+    def forward(self, hidden: Tensor, *, seq_idx: Tensor | None = None) -> Tensor:
+        """hidden: (B, L, d); seq_idx: (B, L) int32 or None (packing) → (B, L, d) in the ambient (autocast) dtype."""
         xz = self.in_proj(hidden)
         x, z = xz.float().transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
         x, z = x.contiguous(), z.contiguous()
         backend = self.cfg.ssm_backend
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            y_f = self.fwd(x, z, backend=backend)
-            y_b = self.bwd(x.flip(-1), z.flip(-1), backend=backend).flip(-1)
+            y_f = self.fwd(x, z, backend=backend, seq_idx=seq_idx)
+            seq_idx_b = None if seq_idx is None else seq_idx.flip(-1)
+            y_b = self.bwd(x.flip(-1), z.flip(-1), backend=backend, seq_idx=seq_idx_b).flip(-1)
         y = ((y_f + y_b) / 2).transpose(1, 2)
         return self.out_proj(y.to(xz.dtype))
 
@@ -158,17 +165,24 @@ class ResidualMambaBlock(nn.Module):
         no_weight_decay(self.norm.weight)
         self.mixer = BidirectionalMamba(cfg)
 
-    def forward(self, x: Tensor, keep_scale: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, keep_scale: Tensor | None = None, *, seq_idx: Tensor | None = None) -> Tensor:
         """x: (B, L, d) → (B, L, d) float32.
 
-        keep_scale: (B,) drop-path factor per sample — 0 (branch dropped) or
-        1/(1 − p) (kept) — drawn by the caller so a checkpointed recompute sees
-        the same draw; None = no drop path.
+        keep_scale: drop-path factors — 0 (branch dropped) or 1/(1 − p) (kept) —
+        drawn by the caller so a checkpointed recompute sees the same draw:
+        (B,) one per sample, or (B, L) one per token (packed sequences: each
+        token carries its own sequence's draw); None = no drop path.
+        seq_idx: (B, L) int32 packing index for the mixer, or None.
         """
         residual = x.float()
-        out = self.mixer(self.norm(residual)).float()
+        out = self.mixer(self.norm(residual), seq_idx=seq_idx).float()
         if keep_scale is not None:
-            out = out * keep_scale.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+            if keep_scale.dim() == 2:
+                if tuple(keep_scale.shape) != tuple(out.shape[:2]):
+                    raise ValueError(f"per-token keep_scale must be (B, L) = {tuple(out.shape[:2])}, got {tuple(keep_scale.shape)}")
+                out = out * keep_scale.to(out.dtype).unsqueeze(-1)
+            else:
+                out = out * keep_scale.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
         return residual + out
 
     def draw_keep_scale(self, batch: int, *, generator: torch.Generator | None, device: torch.device) -> Tensor | None:

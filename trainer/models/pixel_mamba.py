@@ -10,11 +10,18 @@ and after the last layer a final RMSNorm; the mean of the surviving regions' CLS
 tokens is the slide embedding, optionally followed by a linear head.
 Tokens stay a per-region grid ``(n, h, w, C)`` + ``(n, C)`` CLS between blocks
 and are flattened (:mod:`trainer.models.serialization`) only for the Mamba call.
+
+Several views in one call (``segments``, one view index per region): views with
+equal region counts run as a real batch (B = #views); unequal ones are packed
+into one sequence whose ``seq_idx`` keeps conv and scan from crossing views.
+Region Fusion and drop path act per view, so each view's output is what a call
+on that view alone returns (to float tolerance; see ``PixelMamba.forward``).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,9 +31,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.models.mamba_block import MambaBlockConfig, ResidualMambaBlock, no_weight_decay
-from trainer.models.region_fusion import FusedRegions, RegionFusion
+from trainer.models.region_fusion import RegionFusion, fuse_views
 from trainer.models.serialization import deserialize, serialize
-from trainer.models.ssm import BACKENDS
+from trainer.models.ssm import BACKENDS, supports_seq_idx
 from trainer.models.token_expansion import TokenExpansion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -221,13 +228,61 @@ class PixelMambaLayer(nn.Module):
         )
 
 
+Generators = torch.Generator | list[torch.Generator] | tuple[torch.Generator, ...] | None
+
+
 def _mamba_step(
-    block: ResidualMambaBlock, spatial: Tensor, cls: Tensor, keep_scale: Tensor | None
+    block: ResidualMambaBlock, spatial: Tensor, cls: Tensor, keep_scale: Tensor | None, *, counts: tuple[int, ...]
 ) -> tuple[Tensor, Tensor]:
-    """Run one block over the whole slide as a single sequence; spatial (n, h, w, C), cls (n, C)."""
-    n, h, w, _ = spatial.shape
-    seq = block(serialize(spatial, cls), keep_scale)
-    return deserialize(seq, n, h, w)
+    """Run one block over every view, each view's regions as one sequence.
+
+    spatial (n, h, w, C), cls (n, C): the views' regions back to back, view v has counts[v];
+    keep_scale: (#views,) drop-path factors or None. Equal counts run as a batch of
+    #views sequences; otherwise all views are packed into one sequence with seq_idx.
+    """
+    n, h, w, c = spatial.shape
+    seq = serialize(spatial, cls)  # (1, n·tokens, C): the views' sequences back to back
+    tokens = h * w + 1
+    views = len(counts)
+    if all(k == counts[0] for k in counts):
+        out = block(seq.reshape(views, counts[0] * tokens, c), keep_scale)
+        return deserialize(out.reshape(1, n * tokens, c), n, h, w)
+    lengths = torch.tensor(counts, device=spatial.device) * tokens
+    seq_idx = torch.repeat_interleave(
+        torch.arange(views, dtype=torch.int32, device=spatial.device), lengths, output_size=n * tokens
+    )[None]
+    keep_tokens = None
+    if keep_scale is not None:
+        keep_tokens = torch.repeat_interleave(keep_scale, lengths, output_size=n * tokens)[None]
+    return deserialize(block(seq, keep_tokens, seq_idx=seq_idx), n, h, w)
+
+
+def view_counts(segments: Tensor, n: int) -> list[int]:
+    """Regions per view from ``segments`` (n,) — nondecreasing, 0..S−1, every view present. Raises ValueError."""
+    if not isinstance(segments, Tensor) or segments.dim() != 1 or segments.shape[0] != n:
+        shape = tuple(segments.shape) if isinstance(segments, Tensor) else type(segments).__name__
+        raise ValueError(f"segments must be a ({n},) tensor, one view index per region, got {shape}")
+    if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
+        raise ValueError(f"segments must be an integer (long) tensor, got {segments.dtype}")
+    values = segments.tolist()
+    if values[0] != 0 or any(b - a not in (0, 1) for a, b in zip(values, values[1:])):
+        raise ValueError(
+            "segments must start at 0 and step by 0 or 1 (views 0..S−1, each a contiguous block of regions, "
+            f"none empty), got {values[:20]}{' ...' if n > 20 else ''}"
+        )
+    counts = [0] * (values[-1] + 1)
+    for v in values:
+        counts[v] += 1
+    return counts
+
+
+def _view_generators(generator: Generators, views: int) -> list[torch.Generator | None]:
+    """One generator per view: a list is taken as given (length = #views), one generator (or None) is shared."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != views:
+            raise ValueError(f"got {len(generator)} generators for {views} view(s); pass one per view or a single one")
+        return list(generator)
+    return [generator] * views
 
 
 class PixelMamba(nn.Module):
@@ -295,49 +350,96 @@ class PixelMamba(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std
 
     def forward(
-        self, regions: Tensor, *, generator: torch.Generator | None = None, region_fusion: bool | None = None
-    ) -> PixelMambaOutput:
-        """Encode one slide.
+        self,
+        regions: Tensor,
+        *,
+        generator: Generators = None,
+        region_fusion: bool | None = None,
+        random_split: bool | None = None,
+        segments: Tensor | None = None,
+    ) -> PixelMambaOutput | list[PixelMambaOutput]:
+        """Encode one slide, or several views at once (``segments``).
 
         regions: (n, R, R, in_chans) uint8 on the model's device (float input is
           taken as already scaled to [0, 1], e.g. after on-device colour augmentation).
-        generator: source of the training-mode randomness (gallery/probe splits,
-          drop path); None = the global RNG. Unused in eval mode.
+        generator: source of the randomness — drop path (training mode) and random
+          gallery/probe splits; None = the global RNG. Per layer, each view draws its
+          drop-path factor (one ``torch.rand(1)``, if the layer's rate is > 0), then its
+          split (one ``torch.randperm(n_v)``, if the layer fuses): the same draws, in the
+          same order, as a call on that view alone. With a list [g_0, ..., g_{S−1}] view v
+          draws from g_v only, so a packed call equals separate calls with g_v. A single
+          generator (or None) is shared: the draws go layer by layer, views in order
+          within a layer, so they differ from back-to-back separate calls.
         region_fusion: override of ``config.region_fusion`` for this call (None = config).
+        random_split: Region Fusion's split — True random, False alternating, None =
+          ``self.training`` (teachers pass it explicitly).
+        segments: (n,) long view index per region, nondecreasing, 0..S−1, each view
+          contiguous, or None (one slide). With segments the result is a list of S
+          outputs, output v being what ``forward(regions[segments == v], generator=g_v)``
+          returns (to float tolerance; region ids and assignment local to the view, one
+          embedding and logits per view). Views of equal region count run as one batch;
+          otherwise they are packed into one sequence with ``seq_idx`` (conv, scan), or,
+          where the scan backend cannot pack (mamba-ssm), run one after another.
+
+        Returns a :class:`PixelMambaOutput` (segments None) or a list of S of them.
         """
-        spatial = self._stem(regions)
-        n = spatial.shape[0]
-        device = spatial.device
-        cls = self.cls_token.float().expand(n, -1)
-        region_ids = torch.arange(n, device=device)
-        assignment = torch.arange(n, device=device)
+        x = self._stem(regions)
+        n = x.shape[0]
+        counts = [n] if segments is None else view_counts(segments, n)
+        generators = _view_generators(generator, len(counts))
         fuse = self.config.region_fusion if region_fusion is None else region_fusion
+        random = self.training if random_split is None else random_split
+        if len(set(counts)) > 1 and not supports_seq_idx(self.config.ssm_backend, x.device):
+            starts = [0] + list(itertools.accumulate(counts))
+            outputs = [
+                self._encode(x[s:e], [e - s], [g], fuse=fuse, random=random)[0]
+                for s, e, g in zip(starts, starts[1:], generators)
+            ]
+        else:
+            outputs = self._encode(x, counts, generators, fuse=fuse, random=random)
+        return outputs if segments is not None else outputs[0]
+
+    def _encode(
+        self, x: Tensor, counts: list[int], generators: list[torch.Generator | None], *, fuse: bool, random: bool
+    ) -> list[PixelMambaOutput]:
+        """x (Σn_v, R, R, C) normalised pixels, view v's counts[v] regions contiguous → one output per view."""
+        device = x.device
+        spatial = x
+        cls = self.cls_token.float().expand(x.shape[0], -1)
+        region_ids = [torch.arange(k, device=device) for k in counts]
+        assignment = [torch.arange(k, device=device) for k in counts]
 
         for i, layer in enumerate(self.layers):
-            keep = layer.block.draw_keep_scale(1, generator=generator, device=device) if self.training else None
-            step = functools.partial(_mamba_step, layer.block)
+            keep = None
+            if self.training and layer.block.cfg.drop_path > 0.0:
+                draws = [layer.block.draw_keep_scale(1, generator=g, device=device) for g in generators]
+                keep = draws[0] if len(draws) == 1 else torch.cat(draws)
+            step = functools.partial(_mamba_step, layer.block, counts=tuple(counts))
             if i < self.config.checkpoint_layers and torch.is_grad_enabled():
                 spatial, cls = checkpoint(step, spatial, cls, keep, use_reentrant=False)
             else:
                 spatial, cls = step(spatial, cls, keep)
             if fuse:
-                fused: FusedRegions = layer.fusion(
-                    spatial, cls, region_ids=region_ids, assignment=assignment,
-                    random=self.training, generator=generator,
+                spatial, cls, counts, region_ids, assignment = fuse_views(
+                    layer.fusion, spatial, cls, counts=counts, region_ids=region_ids,
+                    assignment=assignment, random=random, generators=generators,
                 )  # fmt: skip
-                spatial, cls, region_ids, assignment = fused
             if layer.expansion is not None:
                 spatial, cls = layer.expansion(spatial, cls)
 
         spatial = self.norm(spatial)
         cls = self.norm(cls)
-        embedding = cls.mean(dim=0)
-        logits = self.head(embedding) if self.head is not None else None
-        return PixelMambaOutput(
-            cls_tokens=cls,
-            spatial_tokens=spatial,
-            region_ids=region_ids,
-            assignment=assignment,
-            embedding=embedding,
-            logits=logits,
-        )
+        outputs = []
+        for cls_v, spatial_v, ids_v, asg_v in zip(cls.split(counts), spatial.split(counts), region_ids, assignment):
+            embedding = cls_v.mean(dim=0)
+            outputs.append(
+                PixelMambaOutput(
+                    cls_tokens=cls_v,
+                    spatial_tokens=spatial_v,
+                    region_ids=ids_v,
+                    assignment=asg_v,
+                    embedding=embedding,
+                    logits=self.head(embedding) if self.head is not None else None,
+                )
+            )
+        return outputs

@@ -21,6 +21,11 @@ At a layer with ``n`` current regions (L layers in the network, severity α):
    ``assignment`` is composed with this layer's mapping.
 
 Selection (steps 1–3) carries no gradient; the averaging does.
+
+Packed views (several slides' or crops' regions in one tensor, each view a
+contiguous block): ``fuse_views`` runs the step on each view alone — its own n,
+k, split draw (from its own generator) and merges — so no region ever merges
+across views, and region ids / assignments stay local to their view.
 """
 
 from __future__ import annotations
@@ -165,3 +170,59 @@ class RegionFusion(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, num_layers={self.num_layers}"
+
+
+class FusedViews(NamedTuple):
+    """Packed views after one Region Fusion step: survivors of every view concatenated in view order.
+
+    spatial: (Σm_v, h, w, C); cls: (Σm_v, C); counts: survivors m_v per view;
+    region_ids, assignment: one tensor per view, local to that view (as in :class:`FusedRegions`).
+    """
+
+    spatial: Tensor
+    cls: Tensor
+    counts: list[int]
+    region_ids: list[Tensor]
+    assignment: list[Tensor]
+
+
+def fuse_views(
+    fusion: RegionFusion,
+    spatial: Tensor,
+    cls: Tensor,
+    *,
+    counts: list[int],
+    region_ids: list[Tensor],
+    assignment: list[Tensor],
+    random: bool,
+    generators: list[torch.Generator | None],
+) -> FusedViews:
+    """Region Fusion of packed views, each view alone (see the module docstring).
+
+    spatial: (Σn_v, h, w, C) and cls: (Σn_v, C), view v's n_v = counts[v] regions contiguous, views in
+    order; region_ids[v]: (n_v,), assignment[v]: (n0_v,) local to view v; generators[v] draws view
+    v's split (drawn in view order; the same generator may appear more than once).
+    """
+    if not len(counts) == len(region_ids) == len(assignment) == len(generators):
+        raise ValueError(
+            f"fuse_views needs one count, region_ids, assignment and generator per view, got "
+            f"{len(counts)}, {len(region_ids)}, {len(assignment)}, {len(generators)}"
+        )
+    if sum(counts) != spatial.shape[0]:
+        raise ValueError(f"view counts {counts} sum to {sum(counts)}, but there are {spatial.shape[0]} regions")
+    fused = [
+        fusion(sp, c, region_ids=ids, assignment=asg, random=random, generator=g)
+        for sp, c, ids, asg, g in zip(
+            spatial.split(counts), cls.split(counts), region_ids, assignment, generators
+        )
+    ]
+    if len(fused) == 1:
+        only = fused[0]
+        return FusedViews(only.spatial, only.cls, [only.spatial.shape[0]], [only.region_ids], [only.assignment])
+    return FusedViews(
+        spatial=torch.cat([f.spatial for f in fused]),
+        cls=torch.cat([f.cls for f in fused]),
+        counts=[f.spatial.shape[0] for f in fused],
+        region_ids=[f.region_ids for f in fused],
+        assignment=[f.assignment for f in fused],
+    )

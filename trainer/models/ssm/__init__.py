@@ -1,7 +1,11 @@
 """Selective-scan backends for Pixel-Mamba, behind one mamba-ssm-compatible function.
 
     y = selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=False, return_last_state=False, *, backend="auto")
+                          delta_softplus=False, return_last_state=False, *, seq_idx=None, backend="auto")
+
+``seq_idx`` (batch, L) packs several sequences into one batch row: the state resets
+wherever it changes along L (``selective.py``). Every backend but ``cuda`` implements it;
+``supports_seq_idx`` says which, so callers can fall back to separate calls.
 
 Backends (``BACKENDS``):
   - ``torch``: pure PyTorch, chunked parallel scan with recompute-in-backward (any device);
@@ -24,7 +28,9 @@ from trainer.models.ssm.selective import selective_scan
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "causal_conv1d", "resolve_backend", "selective_scan_fn"]
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "causal_conv1d", "resolve_backend", "selective_scan_fn", "supports_seq_idx",
+]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -86,6 +92,15 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
     return backend
 
 
+NO_SEQ_IDX_BACKENDS = frozenset({"cuda"})
+"""Concrete backends whose kernel cannot reset its state inside a sequence (mamba-ssm's)."""
+
+
+def supports_seq_idx(backend: str = "auto", device: torch.device | str | None = None) -> bool:
+    """Whether ``selective_scan_fn(..., seq_idx=..., backend=backend)`` runs for tensors on ``device``."""
+    return resolve_backend(backend, device) not in NO_SEQ_IDX_BACKENDS
+
+
 def selective_scan_fn(
     u: Tensor,
     delta: Tensor,
@@ -98,6 +113,7 @@ def selective_scan_fn(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
+    seq_idx: Tensor | None = None,
     backend: str = "auto",
 ):
     """Selective scan with mamba-ssm's signature and semantics.
@@ -107,11 +123,21 @@ def selective_scan_fn(
     delta ← softplus(delta + delta_bias) (bias added whenever given, softplus only
     when ``delta_softplus``); h_t = exp(delta_t·A) ⊙ h_{t−1} + delta_t·B_t·u_t;
     y_t = ⟨h_t, C_t⟩ + D·u_t; y ← y·silu(z). Computed in float32.
+    seq_idx: (batch, L) integer (int32, as causal-conv1d takes it) or None: the state resets
+    (decay 0) at every token whose seq_idx differs from the previous token's, so packed
+    sequences are scanned as if separately; last_state is then the last sequence's.
     Returns y (batch, d_inner, L) in u's dtype, or (y, last_state) with
     last_state (batch, d_inner, d_state) float32 when ``return_last_state``.
+    Raises BackendUnavailableError when seq_idx is given to a backend without packing (``cuda``).
     """
     name = resolve_backend(backend, u.device)
+    if seq_idx is not None and name in NO_SEQ_IDX_BACKENDS:
+        raise BackendUnavailableError(
+            f"selective-scan backend {name!r} (mamba-ssm) cannot reset its state inside a sequence, so it "
+            "does not take seq_idx; run the packed sequences as separate calls (or batch equal lengths), "
+            "or choose a backend that packs (supports_seq_idx)."
+        )
     if name == "cuda":
         return cuda_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     core = numba_scan.scan_core if name == "numba" else torch_scan.scan_core
-    return selective_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, seq_idx=seq_idx)

@@ -7,7 +7,9 @@ walks each channel's segments in reverse: it recomputes the segment's states
 from its checkpoint into a (K + 1, d_state) buffer, then runs the adjoint
 recurrence token by token. Memory: O(L/K · d_inner · d_state) checkpoints plus
 O(K · d_state) per thread; dB and dC are reduced over d_inner through one
-(batch, L, d_state) partial per thread group.
+(batch, L, d_state) partial per thread group. Packed sequences: every decay is
+multiplied by ``keep[b, t]`` (0 at a sequence's first token, else 1), so the
+state, and in backward the adjoint, reset there.
 
 Importing this module never fails: without numba, ``AVAILABLE`` is False and
 ``UNAVAILABLE_REASON`` says why.
@@ -32,7 +34,7 @@ else:
     UNAVAILABLE_REASON = ""
 
     @njit(parallel=True, cache=True)
-    def _forward_kernel(u, dt, A, Bt, Ct, K, y, last, ckpt):  # pragma: no cover - compiled
+    def _forward_kernel(u, dt, A, Bt, Ct, keep, K, y, last, ckpt):  # pragma: no cover - compiled
         nb, nd, L = u.shape
         n = A.shape[1]
         for job in prange(nb * nd):
@@ -44,16 +46,17 @@ else:
                     ckpt[bi, di, t // K, :] = h
                 dtt = dt[bi, di, t]
                 dtu = dtt * u[bi, di, t]
+                kt = keep[bi, t]
                 acc = np.float32(0.0)
                 for k in range(n):
-                    hk = np.exp(dtt * A[di, k]) * h[k] + dtu * Bt[bi, t, k]
+                    hk = np.exp(dtt * A[di, k]) * kt * h[k] + dtu * Bt[bi, t, k]
                     h[k] = hk
                     acc += hk * Ct[bi, t, k]
                 y[bi, di, t] = acc
             last[bi, di, :] = h
 
     @njit(parallel=True, cache=True)
-    def _backward_kernel(u, dt, A, Bt, Ct, gy, glast, ckpt, K, ng, du, ddt, dA_part, dB_part, dC_part):  # pragma: no cover
+    def _backward_kernel(u, dt, A, Bt, Ct, keep, gy, glast, ckpt, K, ng, du, ddt, dA_part, dB_part, dC_part):  # pragma: no cover
         nb, nd, L = u.shape
         n = A.shape[1]
         nk = ckpt.shape[2]
@@ -77,8 +80,9 @@ else:
                         j = t - t0
                         dtt = dt[bi, di, t]
                         dtu = dtt * u[bi, di, t]
+                        kt = keep[bi, t]
                         for k in range(n):
-                            a = np.exp(dtt * A[di, k])
+                            a = np.exp(dtt * A[di, k]) * kt
                             decay[j, k] = a
                             hs[j + 1, k] = a * hs[j, k] + dtu * Bt[bi, t, k]
                     for t in range(t1 - 1, t0 - 1, -1):
@@ -108,7 +112,7 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int):
+def _forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, keep: Tensor, K: int):
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     Bt = B.transpose(1, 2).contiguous()
@@ -116,21 +120,21 @@ def _forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int):
     y = torch.empty(batch, d_inner, L, dtype=torch.float32)
     last = torch.empty(batch, d_inner, d_state, dtype=torch.float32)
     ckpt = torch.empty(batch, d_inner, (L + K - 1) // K, d_state, dtype=torch.float32)
-    _forward_kernel(_np(u), _np(dt), _np(A), _np(Bt), _np(Ct), K, y.numpy(), last.numpy(), ckpt.numpy())
+    _forward_kernel(_np(u), _np(dt), _np(A), _np(Bt), _np(Ct), _np(keep), K, y.numpy(), last.numpy(), ckpt.numpy())
     return y, last, ckpt, Bt, Ct
 
 
 class _FusedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int):
-        y, last, ckpt, Bt, Ct = _forward(u, dt, A, B, C, K)
-        ctx.save_for_backward(u, dt, A, Bt, Ct, ckpt)
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, keep: Tensor, K: int):
+        y, last, ckpt, Bt, Ct = _forward(u, dt, A, B, C, keep, K)
+        ctx.save_for_backward(u, dt, A, Bt, Ct, keep, ckpt)
         ctx.K = K
         return y, last
 
     @staticmethod
     def backward(ctx, gy: Tensor | None, glast: Tensor | None):
-        u, dt, A, Bt, Ct, ckpt = ctx.saved_tensors
+        u, dt, A, Bt, Ct, keep, ckpt = ctx.saved_tensors
         batch, d_inner, L = u.shape
         d_state = A.shape[1]
         gy = torch.zeros_like(u) if gy is None else gy.float().contiguous()
@@ -141,27 +145,32 @@ class _FusedScan(torch.autograd.Function):
         dB_part = torch.zeros(ng, batch, L, d_state, dtype=torch.float32)
         dC_part = torch.zeros(ng, batch, L, d_state, dtype=torch.float32)
         _backward_kernel(
-            _np(u), _np(dt), _np(A), _np(Bt), _np(Ct), _np(gy), _np(glast), _np(ckpt), ctx.K, ng,
+            _np(u), _np(dt), _np(A), _np(Bt), _np(Ct), _np(keep), _np(gy), _np(glast), _np(ckpt), ctx.K, ng,
             du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
         )
         dA = dA_part.sum(0).float()
         dB = dB_part.sum(0).transpose(1, 2).contiguous()
         dC = dC_part.sum(0).transpose(1, 2).contiguous()
-        return du, ddt, dA, dB, dC, None
+        return du, ddt, dA, dB, dC, None, None
 
 
-def scan_core(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, checkpoint_every: int = CHECKPOINT_EVERY) -> tuple[Tensor, Tensor]:
+def scan_core(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, keep: Tensor | None = None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+) -> tuple[Tensor, Tensor]:
     """Fused CPU selective-scan core (same contract as ``torch_scan.scan_core``).
 
     u, dt: (batch, d_inner, L) float32 CPU; A: (d_inner, d_state) float32;
-    B, C: (batch, d_state, L) float32. Returns y (batch, d_inner, L) and
+    B, C: (batch, d_state, L) float32; keep: (batch, L) float32 decay multipliers
+    (0 where a packed sequence starts) or None. Returns y (batch, d_inner, L) and
     last_state (batch, d_inner, d_state), both float32; differentiable.
     """
     if not AVAILABLE:
         raise RuntimeError(UNAVAILABLE_REASON)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be ≥ 1 token, got {checkpoint_every}")
+    keep = torch.ones(u.shape[0], u.shape[2], dtype=torch.float32) if keep is None else keep.float().contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C)):
-        return _FusedScan.apply(u, dt, A, B, C, checkpoint_every)
-    y, last, _, _, _ = _forward(u, dt, A, B, C, checkpoint_every)
+        return _FusedScan.apply(u, dt, A, B, C, keep, checkpoint_every)
+    y, last, _, _, _ = _forward(u, dt, A, B, C, keep, checkpoint_every)
     return y, last

@@ -11,16 +11,44 @@ part that touches d_state:
     y    ← y · silu(z)                    (when z is given)
 
 computed in float32, returned in u's dtype (last_state in float32).
+
+Packing (``seq_idx: (batch, L)`` integer, as causal-conv1d and Mamba-2 name it):
+several sequences share one batch row, and the state resets wherever
+``seq_idx[b, t] != seq_idx[b, t − 1]`` — the decay is 0 at a new sequence's
+first token — so each sequence is scanned exactly as in a separate call, and
+no gradient crosses a boundary. ``last_state`` is then the last sequence's.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ScanCore = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+ScanCore = Callable[..., tuple[Tensor, Tensor]]
+"""``core(u, dt, A, B, C, *, keep=None) -> (y, last_state)``, e.g. ``torch_scan.scan_core``."""
+
+
+def check_seq_idx(seq_idx: Tensor, batch: int, L: int, device: torch.device) -> None:
+    """Raise ValueError unless ``seq_idx`` is an integer (batch, L) tensor on ``device``."""
+    if not isinstance(seq_idx, Tensor):
+        raise ValueError(f"seq_idx must be a (batch, L) integer tensor or None, got {type(seq_idx).__name__}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+        raise ValueError(f"seq_idx must be an integer tensor (int32), got {seq_idx.dtype}")
+    if tuple(seq_idx.shape) != (batch, L):
+        raise ValueError(f"seq_idx must be (batch={batch}, L={L}), got shape {tuple(seq_idx.shape)}")
+    if seq_idx.device != device:
+        raise ValueError(f"seq_idx is on {seq_idx.device} but the scan inputs are on {device}")
+
+
+def keep_mask(seq_idx: Tensor) -> Tensor:
+    """seq_idx (batch, L) integer → (batch, L) float32 decay multipliers: 0 where seq_idx changes from
+    the previous token (a sequence starts), 1 elsewhere (and at t = 0, where the state is 0 anyway)."""
+    keep = torch.ones(seq_idx.shape, dtype=torch.float32, device=seq_idx.device)
+    keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).float()
+    return keep
 
 
 def check_shapes(
@@ -62,22 +90,28 @@ def selective_scan(
     core: ScanCore,
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
-    delta_softplus: bool = False, return_last_state: bool = False,
+    delta_softplus: bool = False, return_last_state: bool = False, *, seq_idx: Tensor | None = None,
 ):
     """Selective scan with mamba-ssm semantics, the recurrence done by ``core``.
 
     u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
-    D, delta_bias: (d_inner,). Returns y (batch, d_inner, L) in u's dtype, or
-    (y, last_state) with last_state (batch, d_inner, d_state) float32.
+    D, delta_bias: (d_inner,); seq_idx: (batch, L) integer or None (packing, see the module
+    docstring). Returns y (batch, d_inner, L) in u's dtype, or (y, last_state) with
+    last_state (batch, d_inner, d_state) float32.
     """
     check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    keep = None
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, u.shape[0], u.shape[2], u.device)
+        keep = keep_mask(seq_idx)
     u32 = u.float()
     dt = delta.float()
     if delta_bias is not None:
         dt = dt + delta_bias.float()[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    y, last_state = core(u32.contiguous(), dt.contiguous(), A.float().contiguous(), B.float().contiguous(), C.float().contiguous())
+    args = (u32.contiguous(), dt.contiguous(), A.float().contiguous(), B.float().contiguous(), C.float().contiguous())
+    y, last_state = core(*args) if keep is None else core(*args, keep=keep)
     if D is not None:
         y = y + D.float()[:, None] * u32
     if z is not None:

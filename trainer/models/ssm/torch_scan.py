@@ -2,8 +2,12 @@
 
 The core computes, for fp32 tensors already past the delta transform,
 
-    h_t = exp(dt_t · A) ⊙ h_{t−1} + dt_t · u_t · B_t        h_{−1} = 0
+    h_t = keep_t · exp(dt_t · A) ⊙ h_{t−1} + dt_t · u_t · B_t        h_{−1} = 0
     y_t = ⟨h_t, C_t⟩   (summed over the state dimension)
+
+with ``keep_t`` 1, or 0 where a packed sequence starts (``seq_idx``, see
+``trainer.models.ssm.selective.keep_mask``): there the state resets, exactly as
+if a separate scan began, and no gradient crosses the boundary.
 
 The sequence is cut into chunks. Inside a chunk the recurrence is an inclusive
 scan over (decay, input) pairs, done by odd–even reduction (Blelloch's
@@ -179,14 +183,17 @@ class _Workspace:
             self.gB, self.ddt, self.du = new(shape[:3]), new(shape[:3]), new(shape[:3])
             self.scan_reverse = _scan_reverse_ops(self.a[1:], self.g)
 
-    def states(self, dt_c: Tensor, du_c: Tensor, rates: Tensor, B_c: Tensor, h_in: Tensor) -> Tensor:
+    def states(self, dt_c: Tensor, du_c: Tensor, rates: Tensor, B_c: Tensor, h_in: Tensor, keep_c: Tensor | None) -> Tensor:
         """Fill a and x for one block and scan: returns the states h (T, batch, channels, d_state) (= self.x).
 
         dt_c, du_c: (T, batch, channels) dt and dt·u; rates: (channels, d_state) the block's rows of
-        ``_decay_rates(A)``; B_c: (T, batch, d_state); h_in: (batch, channels, d_state) the state before the block.
+        ``_decay_rates(A)``; B_c: (T, batch, d_state); h_in: (batch, channels, d_state) the state before the block;
+        keep_c: (T, batch) decay multipliers (0 at a packed sequence's first token) or None.
         """
         exp = torch.exp2 if rates.device.type == "cpu" else torch.exp
         exp(torch.mul(dt_c.unsqueeze(-1), rates, out=self.x), out=self.a)
+        if keep_c is not None:
+            self.a.mul_(keep_c[:, :, None, None])
         torch.mul(du_c.unsqueeze(-1), B_c.unsqueeze(2), out=self.x)
         self.x[0].addcmul_(self.a[0], h_in)
         _run(self.scan)
@@ -212,13 +219,18 @@ def _time_major(t: Tensor, s: int, e: int) -> Tensor:
     return t[:, :, s:e].permute(2, 0, 1).contiguous()
 
 
+def _keep_chunk(keep: Tensor | None, s: int, e: int) -> Tensor | None:
+    """(batch, L) decay multipliers → the contiguous (e − s, batch) slice of tokens s..e−1 (None stays None)."""
+    return None if keep is None else keep[:, s:e].T.contiguous()
+
+
 def _workspace(cache: dict, shape: tuple[int, int, int, int], device: torch.device, backward: bool) -> _Workspace:
     if shape not in cache:
         cache[shape] = _Workspace(shape, device, backward)
     return cache[shape]
 
 
-def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, blocks, keep_boundaries: bool):
+def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, keep: Tensor | None, chunk: int, blocks, keep_boundaries: bool):
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     y = torch.empty(batch, d_inner, L, dtype=torch.float32, device=u.device)
@@ -234,10 +246,11 @@ def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
         dt_c = _time_major(dt, s, e)
         du_c = dt_c * _time_major(u, s, e)
         B_c, C_c = _time_major(B, s, e), _time_major(C, s, e).unsqueeze(2)
+        keep_c = _keep_chunk(keep, s, e)
         for c0, c1 in blocks:
             ws = _workspace(cache, (e - s, batch, c1 - c0, d_state), u.device, backward=False)
             h_blk = h[:, c0:c1]
-            hs = ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], rates[c0:c1], B_c, h_blk)
+            hs = ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], rates[c0:c1], B_c, h_blk, keep_c)
             h_blk.copy_(hs[-1])
             torch.sum(hs.mul_(C_c), -1, out=ws.y)
             y[:, c0:c1, s:e] = ws.y.permute(1, 2, 0)
@@ -246,15 +259,15 @@ def _forward_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int, blocks):
-        y, last, boundaries = _forward_chunks(u, dt, A, B, C, chunk, blocks, keep_boundaries=True)
-        ctx.save_for_backward(u, dt, A, B, C, boundaries)
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, keep: Tensor | None, chunk: int, blocks):
+        y, last, boundaries = _forward_chunks(u, dt, A, B, C, keep, chunk, blocks, keep_boundaries=True)
+        ctx.save_for_backward(u, dt, A, B, C, boundaries, keep)
         ctx.chunk, ctx.blocks = chunk, blocks
         return y, last
 
     @staticmethod
     def backward(ctx, gy: Tensor | None, glast: Tensor | None):
-        u, dt, A, B, C, boundaries = ctx.saved_tensors
+        u, dt, A, B, C, boundaries, keep = ctx.saved_tensors
         chunk, blocks = ctx.chunk, ctx.blocks
         batch, d_inner, L = u.shape
         d_state = A.shape[1]
@@ -271,12 +284,14 @@ class _ChunkedScan(torch.autograd.Function):
             du_c = dt_c * u_c
             B_c, C_c = _time_major(B, s, e), _time_major(C, s, e)
             dB_c, dC_c = torch.zeros_like(B_c), torch.zeros_like(C_c)  # (T, batch, d_state), summed over blocks
+            keep_c = _keep_chunk(keep, s, e)
             for c0, c1 in blocks:
                 ws = _workspace(cache, (e - s, batch, c1 - c0, d_state), u.device, backward=True)
                 h_in, lam_blk, A_blk = boundaries[c, :, c0:c1], lam[:, c0:c1], A[c0:c1]
                 dt_b, du_b, gy_b = dt_c[:, :, c0:c1].unsqueeze(-1), du_c[:, :, c0:c1].unsqueeze(-1), gy_c[:, :, c0:c1].unsqueeze(-1)
                 a, hs, g, q, tmp = ws.a, ws.x, ws.g, ws.q, ws.tmp
-                ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], rates[c0:c1], B_c, h_in)
+                # Zero decays at sequence starts cut the adjoint (reverse scan, q, lam) there too.
+                ws.states(dt_c[:, :, c0:c1], du_c[:, :, c0:c1], rates[c0:c1], B_c, h_in, keep_c)
                 dC_c.add_(torch.mul(hs, gy_b, out=tmp).sum(2))
                 # Adjoint g_t = dL/dh_t = C_t·gy_t + a_{t+1} ⊙ g_{t+1}, a reverse scan.
                 torch.mul(gy_b, C_c.unsqueeze(2), out=g)
@@ -295,14 +310,18 @@ class _ChunkedScan(torch.autograd.Function):
                 du[:, c0:c1, s:e] = torch.mul(ws.gB, dt_c[:, :, c0:c1], out=ws.du).permute(1, 2, 0)
             dB[:, :, s:e] = dB_c.permute(1, 2, 0)
             dC[:, :, s:e] = dC_c.permute(1, 2, 0)
-        return du, ddt, dA, dB, dC, None, None
+        return du, ddt, dA, dB, dC, None, None, None
 
 
-def scan_core(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+def scan_core(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, keep: Tensor | None = None, chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Chunked selective-scan core.
 
     u, dt: (batch, d_inner, L) float32 (dt already softplus-ed / biased);
     A: (d_inner, d_state) float32; B, C: (batch, d_state, L) float32;
+    keep: (batch, L) float32 decay multipliers — 0 where a packed sequence starts, 1 elsewhere
+      (``selective.keep_mask(seq_idx)``) — or None (one sequence per batch row);
     chunk: tokens per chunk (default: ``chunk_length`` of the shapes and device).
     Returns y: (batch, d_inner, L) float32 and last_state: (batch, d_inner, d_state) float32.
     Differentiable in u, dt, A, B, C and through last_state.
@@ -316,6 +335,6 @@ def scan_core(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk: 
         raise ValueError(f"chunk must be ≥ 1 token, got {chunk}")
     blocks = channel_blocks(min(chunk, L), batch, d_inner, d_state, elements)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C)):
-        return _ChunkedScan.apply(u, dt, A, B, C, chunk, blocks)
-    y, last, _ = _forward_chunks(u, dt, A, B, C, chunk, blocks, keep_boundaries=False)
+        return _ChunkedScan.apply(u, dt, A, B, C, keep, chunk, blocks)
+    y, last, _ = _forward_chunks(u, dt, A, B, C, keep, chunk, blocks, keep_boundaries=False)
     return y, last
