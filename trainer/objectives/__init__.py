@@ -56,6 +56,19 @@ def _supervised_spec() -> ObjectiveSpec:
     )
 
 
+def _latentmim_spec() -> ObjectiveSpec:
+    from trainer.objectives.latentmim import LatentMIMConfig, LatentMIMObjective
+
+    return ObjectiveSpec(
+        name="latentmim",
+        config_cls=LatentMIMConfig,
+        build=lambda encoder, config, context: LatentMIMObjective(encoder, config=config),
+        summary="LatentMIM: predict the EMA teacher's masked-region tokens from the visible regions "
+        "(patch-discrimination InfoNCE within a slide; thesis §3.2).",
+    )
+
+
 OBJECTIVES: dict[str, Callable[[], ObjectiveSpec]] = {
     "supervised": _supervised_spec,
+    "latentmim": _latentmim_spec,
 }
