@@ -17,7 +17,6 @@ once all ranks are done (see `trainer.eval.embeddings_format`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +164,6 @@ def embed_store(
     *,
     device: torch.device | str = "cpu",
     env: DistEnv = DistEnv(),
-    echo: Callable[[str], None] = print,
 ) -> EmbedResult:
     """Embed the store's slides (this rank's share) and, on rank 0, consolidate the folder."""
     out = Path(out)
@@ -188,11 +186,11 @@ def embed_store(
     label_map = dict(dataset.label_map)
     manifest = {
         "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
-        "encoders": {
-            name: {"source": enc.source, "model_name": enc.model_name, "objective": enc.objective_name,
-                   "notes": list(enc.notes)}
+        "encoders": [
+            {"name": name, "source": enc.source, "model_name": enc.model_name, "objective": enc.objective_name,
+             "notes": list(enc.notes)}
             for name, enc in encoders.items()
-        },
+        ],
         "label_map": label_map, "ordinal": is_ordinal(label_map),
         "embed_dim": int(loaded.encoder.embed_dim), "token_grid": list(loaded.encoder.config.final_grid),
         "region_size": dataset.region_size, "mpp": dataset.store_attrs.mpp, "slide_fusion": fusion,

@@ -2,7 +2,7 @@
 
     EMB/
       embeddings.json                 format, version, settings (checkpoint, store, split, Region Fusion, ...),
-                                      encoders {name: description}, label_map, ordinal, embed_dim, token_grid, complete
+                                      encoders [{name, source, model_name, objective}], label_map, ordinal, embed_dim, token_grid, complete
       slides.csv                      one row per embedded slide, store order: slide_id, label, label_id (-1: none),
                                       split, case_id, n_regions (in the store), n_embedded (regions the encoder saw)
       embeddings.zarr/<encoder>/cls      (N, C) float32  mean-pooled CLS embedding, row i = slides.csv row i
@@ -147,7 +147,7 @@ class Embeddings:
 
     @property
     def encoders(self) -> list[str]:
-        return list(self.manifest["encoders"])
+        return [entry["name"] for entry in self.manifest["encoders"]]
 
     @property
     def label_map(self) -> dict[str, int]:
