@@ -95,3 +95,22 @@ def test_missing_or_unfinished_folder(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     result = run("linear-probe", str(tmp_path / "empty"))
     assert result.exit_code != 0 and "not an embeddings folder" in result.output
+
+
+def test_a_checkpoint_written_by_pm_train(eval_store, tmp_path) -> None:
+    """The real supervised path's checkpoint: embedded, then predicted with its own head."""
+    from trainer.cli import main as train_main
+    from trainer.eval.embeddings_format import open_embeddings
+
+    trained = CliRunner().invoke(train_main, [
+        "supervised", "--store", str(eval_store), "--out", str(tmp_path / "run"), "--model", "pixel_mamba_tiny",
+        "--workers", "0", "--accum", "2", "--device", "cpu", "--max-steps", "1", "--epochs", "1"])
+    assert trained.exit_code == 0, trained.output
+    checkpoint = tmp_path / "run" / "last.pt"
+    out = tmp_path / "emb"
+    embed_store(str(checkpoint), str(eval_store), out, EmbedConfig(split="val", baseline=False, progress=False))
+    assert open_embeddings(out).manifest["encoders"][0]["source"] == "encoder"
+    result = run("predict", "--checkpoint", str(checkpoint), "--store", str(eval_store), "--split", "val",
+                 "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "predictions-val.csv").is_file()
