@@ -170,7 +170,8 @@ def unsupervised_cmd(emb: str, json_path: str | None) -> None:
     rows = report.unsupervised_rows(embeddings)
     click.echo(report.format_table(rows, report.UNSUPERVISED_COLUMNS,
                                    title=f"unsupervised ({rows[0]['slides']} slides)"))
-    click.echo(f"wrote {_write_json(Path(json_path) if json_path else embeddings.root / 'eval' / 'unsupervised.json', rows)}")
+    out = Path(json_path) if json_path else embeddings.root / "eval" / "unsupervised.json"
+    click.echo(f"wrote {_write_json(out, rows)}")
 
 
 @eval_main.command("table")
@@ -184,6 +185,8 @@ def table_cmd(embs: tuple[str, ...], feature: str, folds: int, k: int, json_path
     """Linear probe, kNN and unsupervised metrics of several embeddings folders (e.g. one per run)."""
     opened = [_open(path) for path in embs]
     names = [Path(path).name for path in embs]
+    if len(set(names)) < len(names):  # e.g. runs/X/embeddings for several runs: name rows by the run
+        names = [f"{Path(path).resolve().parent.name}/{Path(path).name}" for path in embs]
     config = ProbeConfig(folds=folds, k=k)
     result: dict[str, Any] = {}
     for method in ("linear", "knn"):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from trainer.data.tile_dataset import TileStoreDataset
 from trainer.engine.checkpoint import check_store_matches, load_checkpoint
-from trainer.engine.distributed import DistEnv, all_gather_objects, barrier
+from trainer.engine.distributed import DistEnv, barrier
 from trainer.eval import embeddings_format as fmt
 from trainer.eval.encoder_loading import BASELINE_SEED, EncoderChoice, LoadedEncoder, load_encoder, random_baseline
 from trainer.eval.metrics import embedding_quality
@@ -207,7 +207,9 @@ def embed_store(
         keep = evenly_spaced(int(sample["regions"].shape[0]), config.regions_per_slide)
         regions = sample["regions"][torch.from_numpy(keep)].to(device)
         slide_id = sample["slide_id"]
-        origin = np.asarray(dataset.store.read_slide(slide_id).origin)[keep] if (config.per_region or config.h5) else None
+        origin = None
+        if config.per_region or config.h5:
+            origin = np.asarray(dataset.store.read_slide(slide_id).origin)[keep]
         for name, enc in encoders.items():
             result = embed_slide(enc.encoder, regions, region_fusion=fusion)
             _write_slide(out, name, slide_id, result, keep, sample["coords"].numpy()[keep], origin, config, dataset)
@@ -282,7 +284,3 @@ def _consolidate(out: Path, dataset: TileStoreDataset, encoders: list[str], conf
     manifest = json.loads((out / fmt.MANIFEST).read_text())
     fmt.write_json(out / fmt.MANIFEST, {**manifest, "complete": True, "slides": len(ids)})
 
-
-def gather_counts(value: int, env: DistEnv) -> int:
-    """Sum of an int over ranks (for the summary line)."""
-    return int(sum(all_gather_objects(value, env)))

@@ -211,7 +211,9 @@ def open_embeddings(root: str | os.PathLike[str]) -> Embeddings:
     if manifest.get("format") != FORMAT_NAME or int(manifest.get("version", 0)) > FORMAT_VERSION:
         raise EmbeddingsError(f"{manifest_path} is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
     if not manifest.get("complete"):
-        raise EmbeddingsError(f"{str(root)!r} is incomplete (pm-embed was interrupted); run pm-embed again to finish it")
+        raise EmbeddingsError(
+            f"{str(root)!r} is incomplete (pm-embed was interrupted); run pm-embed again to finish it"
+        )
     table = pd.read_csv(root / SLIDE_TABLE, dtype={"slide_id": str, "label": str, "split": str, "case_id": str},
                         keep_default_na=False, na_values=[""])
     return Embeddings(root=root, manifest=manifest, table=table)

@@ -142,7 +142,9 @@ def load_encoder(
     )
 
 
-def random_baseline(loaded: LoadedEncoder, *, seed: int = BASELINE_SEED, device: torch.device | str = "cpu") -> LoadedEncoder:
+def random_baseline(
+    loaded: LoadedEncoder, *, seed: int = BASELINE_SEED, device: torch.device | str = "cpu"
+) -> LoadedEncoder:
     """A randomly initialised encoder of the same variant and overrides (fixed seed, global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

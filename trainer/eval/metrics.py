@@ -78,7 +78,8 @@ def quadratic_weighted_kappa(labels: np.ndarray, predictions: np.ndarray, num_cl
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if not len(labels):
         return float("nan")
-    if num_classes < 1 or max(labels.max(), predictions.max()) >= num_classes or min(labels.min(), predictions.min()) < 0:
+    low, high = min(labels.min(), predictions.min()), max(labels.max(), predictions.max())
+    if num_classes < 1 or low < 0 or high >= num_classes:
         raise ValueError(f"class ids must lie in 0..{num_classes - 1}")
     with np.errstate(invalid="ignore", divide="ignore"):
         return float(cohen_kappa_score(labels, predictions, weights="quadratic", labels=list(range(num_classes))))

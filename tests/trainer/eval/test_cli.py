@@ -52,7 +52,7 @@ def test_unsupervised_and_combined_table(emb_dir) -> None:
     assert rows[0]["slides"] == 7 and 1 <= rows[0]["mean"]["slide_rankme"] <= 7
     table = run("table", str(emb_dir), str(emb_dir), "--json", str(emb_dir.parent / "all.json"))
     assert table.exit_code == 0, table.output
-    assert table.output.count("demo-supervised · baseline · cls") == 4  # 2 folders × (linear, kNN)
+    assert table.output.count("/demo-supervised · baseline · cls") == 4  # 2 folders × (linear, kNN)
     assert set(json.loads((emb_dir.parent / "all.json").read_text())) == {"linear", "knn", "unsupervised"}
 
 
