@@ -275,7 +275,9 @@ def _consolidate(out: Path, dataset: TileStoreDataset, encoders: list[str], conf
         "slide_id": ids,
         "label": [inverse.get(int(v)) for v in dataset.labels],
         "label_id": dataset.labels.astype(np.int64),
-        "split": table["split"].tolist() if "split" in table.columns else [None] * len(ids),
+        # a store without splits gets a random one when --split is given: every kept slide is in it
+        "split": [config.split] * len(ids) if config.split is not None
+        else (table["split"].tolist() if "split" in table.columns else [None] * len(ids)),
         "case_id": table["case_id"].tolist() if "case_id" in table.columns else [None] * len(ids),
         "n_regions": dataset.n_regions.astype(np.int64),
         "n_embedded": n_embedded,

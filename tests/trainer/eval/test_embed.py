@@ -89,6 +89,7 @@ def test_resume_skips_finished_slides_and_redoes_the_rest(tmp_path, eval_store, 
     first = embed_store(str(supervised_ckpt), str(eval_store), out, config)
     assert (first.embedded, first.slides) == (3, 3)
     reference = open_embeddings(out).slide_features("checkpoint", "cls")
+    assert open_embeddings(out).table["split"].tolist() == ["val"] * 3
     # A crash after one slide: its file is gone and the folder was never completed.
     part_path(out, "checkpoint", "red-2").unlink()
     manifest = json.loads((out / "embeddings.json").read_text())
