@@ -42,3 +42,54 @@ def mean_pairwise_cosine(embeddings: torch.Tensor | np.ndarray) -> float:
     # Σ_{i≠j} u_i·u_j = |Σ u|² − Σ |u_i|²
     pair_sum = total.dot(total) - (unit * unit).sum()
     return float(pair_sum / (n * (n - 1)))
+
+
+def embedding_quality(embeddings: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """{"rankme", "cosine"} of an (N, K) matrix: the two collapse measures side by side."""
+    return {"rankme": rankme(embeddings), "cosine": mean_pairwise_cosine(embeddings)}
+
+
+def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Fraction of equal entries of two (N,) int arrays (NaN when empty)."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    return float(np.mean(labels == predictions)) if len(labels) else float("nan")
+
+
+def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Mean recall over the classes present in `labels` (sklearn's definition; NaN when empty).
+
+    Classes that only appear among the predictions count as errors, not as classes.
+    """
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if not len(labels):
+        return float("nan")
+    return float(np.mean([np.mean(predictions[labels == c] == c) for c in np.unique(labels)]))
+
+
+def quadratic_weighted_kappa(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights over the classes 0..num_classes-1.
+
+    Every class takes part in the weight matrix even when absent from both arrays
+    (sklearn with `labels=range(K)`), so a distance of one grade costs the same in
+    every cohort. NaN when undefined (e.g. a single class everywhere).
+    """
+    from sklearn.metrics import cohen_kappa_score
+
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if not len(labels):
+        return float("nan")
+    low, high = min(labels.min(), predictions.min()), max(labels.max(), predictions.max())
+    if num_classes < 1 or low < 0 or high >= num_classes:
+        raise ValueError(f"class ids must lie in 0..{num_classes - 1}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(cohen_kappa_score(labels, predictions, weights="quadratic", labels=list(range(num_classes))))
+
+
+def classification_report(
+    labels: np.ndarray, predictions: np.ndarray, *, num_classes: int, ordinal: bool
+) -> dict[str, float]:
+    """accuracy, balanced_accuracy and, for ordinal labels only, qwk of (N,) int class ids."""
+    report = {"accuracy": accuracy(labels, predictions), "balanced_accuracy": balanced_accuracy(labels, predictions)}
+    if ordinal:
+        report["qwk"] = quadratic_weighted_kappa(labels, predictions, num_classes)
+    return report
