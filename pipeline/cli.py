@@ -45,26 +45,36 @@ def main() -> None:
 
 @main.command()
 @click.option("--manifest", "manifest", required=True, type=click.Path(dir_okay=False), help="Manifest CSV (data_manifests/<dataset>.csv).")
-@click.option("--magnification", required=True, type=click.Choice(MAGNIFICATIONS), help="Target magnification: 2.5, 5, 10 or 20 (= 4, 2, 1, 0.5 µm/px).")
+@click.option("--magnification", default=None, type=click.Choice(MAGNIFICATIONS),
+              help="Target magnification: 2.5, 5, 10, 20 or 40 (= 4, 2, 1, 0.5, 0.25 µm/px). Default: the existing store's.")
+@click.option("--mpp", "target_mpp", default=None, type=click.FloatRange(min=0.0, min_open=True),
+              help="Any target resolution in µm/px instead of --magnification (e.g. 0.3).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tile store to create or resume, e.g. tiles/demo/mag5.zarr.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Local Dask worker processes; 0 runs in this process.")
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (overrides --workers).")
-@click.option("--codec", default="none", show_default=True, type=click.Choice(["none", "zstd", "jpeg"]),
-              help="Regions layout: none = raw and memory-mapped (fastest reads), zstd = lossless, jpeg = q90, ~6–8× smaller (~30 dB PSNR on tissue), for network sharing.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers).")
+@click.option("--codec", default=None, type=click.Choice(["none", "zstd", "jpeg"]),
+              help="Regions layout: none = raw and memory-mapped (fastest reads; the default for a new store), zstd = lossless, jpeg = q90, ~6–8× smaller (~30 dB PSNR on tissue), for network sharing.")
 @click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="JPEG quality (codec jpeg; default 90).")
 @click.option("--zstd-level", default=None, type=click.IntRange(1, 22), help="zstd level (codec zstd; default 3).")
-@click.option("--min-foreground", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Least tissue fraction of a kept region.")
-@click.option("--region-size", default=224, show_default=True, type=click.IntRange(min=1), help="Region side R in px at the target magnification.")
-@click.option("--pen-filter/--no-pen-filter", default=False, show_default=True, help="Drop blue/green/black marker ink from the tissue mask.")
+@click.option("--min-foreground", default=None, type=click.FloatRange(0.0, 1.0), help="Least tissue fraction of a kept region (new store: 0.5).")
+@click.option("--region-size", default=None, type=click.IntRange(min=1), help="Region side R in px at the target resolution (new store: 224).")
+@click.option("--pen-filter/--no-pen-filter", default=None, help="Drop blue/green/black marker ink from the tissue mask (new store: off).")
+@click.option("--allow-upsampling", is_flag=True, help="Tile slides scanned coarser than the target (upsampled; recorded per slide) instead of failing them.")
+@click.option("--skip-missing", is_flag=True, help="Record a slide whose file is missing as failed and tile the others (default: stop before any work).")
+@click.option("--prune", is_flag=True, help="Remove slides that are in the store but no longer in the manifest.")
+@click.option("--repair", is_flag=True, help="Verify the complete slides first and redo the corrupt or missing ones.")
+@click.option("--no-lock", is_flag=True, help="File systems without flock: hold the store with an exclusive lease file instead.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_clean_errors
-def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
-          region_size, pen_filter, progress) -> None:
-    """Tile every slide of MANIFEST into the store OUT (resumes; exit status 1 when any slide
-    failed, 2 when bad input stopped the build before any work)."""
+def build(manifest, magnification, target_mpp, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
+          region_size, pen_filter, allow_upsampling, skip_missing, prune, repair, no_lock, progress) -> None:
+    """Tile every slide of MANIFEST into the store OUT (resumes with the store's own settings;
+    exit status 1 when any slide failed, 2 when bad input stopped the build before any work)."""
     from pipeline.driver import build_store
     from pipeline.tissue import TissueSettings
 
+    if magnification is not None and target_mpp is not None:
+        raise click.UsageError("give --magnification or --mpp, not both")
     options = {}
     if jpeg_quality is not None:
         if codec != "jpeg":
@@ -75,9 +85,11 @@ def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality,
             raise click.UsageError("--zstd-level needs --codec zstd")
         options["level"] = zstd_level
     summary = build_store(
-        manifest, out, magnification=float(magnification), codec=codec, codec_options=options,
-        min_foreground=min_foreground, region_size=region_size, tissue=TissueSettings(pen_filter=pen_filter),
-        workers=workers, scheduler=scheduler, progress=progress,
+        manifest, out, magnification=None if magnification is None else float(magnification), mpp=target_mpp,
+        codec=codec, codec_options=options, min_foreground=min_foreground, region_size=region_size,
+        tissue=None if pen_filter is None else TissueSettings(pen_filter=pen_filter),
+        workers=workers, scheduler=scheduler, progress=progress, skip_missing=skip_missing, prune=prune,
+        repair=repair, allow_upsampling=allow_upsampling, use_flock=not no_lock,
     )
     click.echo(summary.format())
     if not summary.ok:

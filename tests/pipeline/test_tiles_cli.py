@@ -39,7 +39,7 @@ def test_build_info_qc(tmp_path):
     assert "2 written (24 regions)" in result.output
     info = runner.invoke(main, ["info", str(out), "--verify"])
     assert info.exit_code == 0, info.output
-    for text in ("pixel-mamba-tile-store 1.0", "10× (1 µm/px)", "codec          zstd (level 5)",
+    for text in ("pixel-mamba-tile-store 1.1", "10× (1 µm/px)", "codec          zstd (level 5)",
                  "2 complete, 0 failed; 24 regions", "L0: 1, L1: 1", "size on disk", "checksums match"):
         assert text in info.output
     qc = runner.invoke(main, ["qc", str(out), "--out", str(tmp_path / "qc")])
