@@ -96,15 +96,37 @@ def build(manifest, magnification, target_mpp, out, workers, scheduler, codec, j
         sys.exit(EXIT_SLIDES_FAILED)
 
 
+STORAGE_OPTIONS_HELP = (
+    "fsspec storage options as JSON for a remote store, e.g. '{\"anon\": true}' or "
+    "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}' (s3:// reads the AWS_* "
+    "environment variables, AWS_ENDPOINT_URL included, by default)."
+)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as error:
+        raise click.BadParameter(f"not JSON: {error}", param_hint="--storage-options") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
+    return options
+
+
 @main.command()
 @click.argument("store")
-@click.option("--verify", is_flag=True, help="Recompute every slide's checksums (reads all data).")
+@click.option("--verify", is_flag=True, help="Also run `pm-tiles verify` (reads all data).")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
 @_clean_errors
-def info(store, verify) -> None:
-    """Describe the tile store STORE (path or URL): settings, counts, sizes, failures."""
+def info(store, verify, storage_options) -> None:
+    """Describe the tile store STORE (path or URL): settings, counts per split and label, sizes, failures."""
     from pipeline.schema.reader import open_store
 
-    opened = open_store(store)
+    opened = open_store(store, storage_options=_storage_options(storage_options))
     attrs = opened.attrs
     codec = dict(attrs.codec)
     name = codec.pop("name")
@@ -124,6 +146,9 @@ def info(store, verify) -> None:
     if len(slides):
         labels = slides["label"].fillna("(none)").value_counts().sort_index()
         lines.append("labels         " + ", ".join(f"{k}: {v}" for k, v in labels.items()))
+        splits = slides["split"].fillna("(none)").value_counts().sort_index()
+        lines.append("splits         " + ", ".join(f"{k}: {v}" for k, v in splits.items()))
+        lines.append(_split_label_table(slides))
     if opened.is_local:
         root = Path(opened.url)
         regions = sum(_disk_size(root / SLIDES_GROUP / slide_id / REGIONS) for slide_id in opened.slide_ids)
@@ -135,9 +160,74 @@ def info(store, verify) -> None:
         lines.append(f"FAILED         {row.slide_id} ({row.source_path}): {row.reason}")
     click.echo("\n".join(lines))
     if verify:
-        for slide_id in opened.slide_ids:
-            opened.verify_slide(slide_id)
-        click.echo(f"verified       {len(opened.slide_ids)} slides: checksums match")
+        from pipeline.verify import verify_store
+
+        report = verify_store(store, storage_options=_storage_options(storage_options))
+        click.echo(report.format() if not report.ok else f"verified       {report.n_slides} slides: checksums match")
+        if not report.ok:
+            sys.exit(EXIT_SLIDES_FAILED)
+
+
+def _split_label_table(slides) -> str:
+    """Slides per split (rows) and label (columns), as text."""
+    import pandas as pd
+
+    table = pd.crosstab(slides["split"].fillna("(none)"), slides["label"].fillna("(none)"), margins=True,
+                        margins_name="all")
+    table.index.name, table.columns.name = "split \\ label", None
+    return "per split and label:\n" + "\n".join("  " + line for line in table.to_string().splitlines())
+
+
+@main.command()
+@click.argument("store")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@_clean_errors
+def verify(store, storage_options, progress) -> None:
+    """Check every slide of STORE (path or URL), streamed: format, shapes, dtypes, decoding and
+    content checksums. Lists every corrupt or missing slide; exit status 1 when there is any."""
+    from pipeline.verify import verify_store
+
+    report = verify_store(store, storage_options=_storage_options(storage_options), progress=progress)
+    click.echo(report.format())
+    if not report.ok:
+        sys.exit(EXIT_SLIDES_FAILED)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("local", type=click.Path(file_okay=False))
+@click.option("--codec", default=None, type=click.Choice(["none", "zstd", "jpeg"]),
+              help="Transcode the regions (default: keep the source's codec); none = memory-mapped reads.")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@_clean_errors
+def stage(source, local, codec, storage_options, progress) -> None:
+    """Copy the store SOURCE (path or URL) to the local folder LOCAL, verifying every slide's
+    checksums as it is read; resumable (slides already staged are skipped)."""
+    from pipeline.stage import stage_store
+
+    summary = stage_store(source, local, codec=codec, storage_options=_storage_options(storage_options),
+                          progress=progress)
+    click.echo(summary.format())
+    if not summary.ok:
+        sys.exit(EXIT_SLIDES_FAILED)
+
+
+@main.command("export-coords")
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the coordinate files.")
+@click.option("--format", "fmt", default="h5", show_default=True, type=click.Choice(["h5", "csv"]),
+              help="h5: one CLAM/TRIDENT-style <slide_id>.h5 per slide (dataset coords, level-0 x, y); csv: one coords.csv.")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+@_clean_errors
+def export_coords(store, out, fmt, storage_options) -> None:
+    """Write each complete slide's region coordinates (level-0 origins, patch size and level)
+    for MIL code that reads CLAM/TRIDENT patch files."""
+    from pipeline.export import export_coords as run_export
+
+    paths = run_export(store, out, fmt=fmt, storage_options=_storage_options(storage_options))
+    click.echo(f"wrote {len(paths)} coordinate file(s) to {out}")
 
 
 @main.command()

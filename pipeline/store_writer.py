@@ -346,6 +346,11 @@ def _file_blocks(path: Path, block: int = 4 << 20) -> Iterator[bytes]:
             yield data
 
 
+def write_group_metadata(group_dir: Path, attributes: dict[str, Any]) -> None:
+    """Write a group's `zarr.json` (atomically, synced) into the existing folder `group_dir`."""
+    _write_json_atomic(Path(group_dir) / "zarr.json", _group_metadata(attributes), make_parents=False)
+
+
 def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
@@ -427,4 +432,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["check_store_folder", "create_store", "read_store_attrs", "write_slide"]
+__all__ = ["check_store_folder", "create_store", "fsync_tree", "read_store_attrs", "write_group_metadata", "write_slide"]
