@@ -137,7 +137,7 @@ def info(store, verify, storage_options) -> None:
     lines = [
         f"store          {opened.url}",
         f"format         {attrs.format} {attrs.version} (pipeline {attrs.pipeline_version}, created {attrs.created})",
-        f"magnification  {attrs.magnification:g}× ({attrs.mpp:g} µm/px), regions {attrs.region_size}×{attrs.region_size} px, "
+        f"magnification  {attrs.magnification:.3g}× ({attrs.mpp:g} µm/px), regions {attrs.region_size}×{attrs.region_size} px, "
         f"min foreground {attrs.min_foreground:g}",
         f"codec          {name}" + (f" ({settings})" if settings else ""),
         f"slides         {len(slides)} complete, {len(opened.failures)} failed; {n_regions} regions"
@@ -174,8 +174,9 @@ def _split_label_table(slides) -> str:
 
     table = pd.crosstab(slides["split"].fillna("(none)"), slides["label"].fillna("(none)"), margins=True,
                         margins_name="all")
-    table.index.name, table.columns.name = "split \\ label", None
-    return "per split and label:\n" + "\n".join("  " + line for line in table.to_string().splitlines())
+    table.columns.name = None
+    text = table.rename_axis("split \\ label").reset_index().to_string(index=False)
+    return "per split and label:\n" + "\n".join("  " + line for line in text.splitlines())
 
 
 @main.command()
