@@ -89,9 +89,16 @@ class TileStore:
         options = dict(storage_options or {})
         self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
         self._root = self._root.rstrip("/")
-        root_meta = self._read_json("zarr.json", missing=NotATileStoreError(
-            f"{self.url} is not a tile store: it has no zarr.json (wrong path, or creation was interrupted)"
-        ))
+        try:
+            root_meta = self._read_json("zarr.json", missing=NotATileStoreError(
+                f"{self.url} is not a tile store: it has no zarr.json (wrong path, or creation was interrupted)"
+            ))
+        except TileStoreError:
+            raise
+        except Exception as error:  # noqa: BLE001 — network, permission, credentials: say where and what
+            hint = (" (s3:// reads the AWS_* environment variables, AWS_ENDPOINT_URL included, or "
+                    "--storage-options)" if self.url.startswith("s3://") else "")
+            raise TileStoreError(f"cannot read {self.url}: {type(error).__name__}: {error}{hint}") from error
         raw = (root_meta.get("attributes") or {}).get(ROOT_ATTR_KEY)
         if not isinstance(raw, dict):
             raise NotATileStoreError(
