@@ -93,7 +93,7 @@ def slide_problem(store: TileStore, slide_id: str, *, on_block=None, batch: int 
 
 
 def _decode_all(store: TileStore, slide_id: str, n: int, batch: int) -> None:
-    arrays = store.read_slide(slide_id)
+    arrays = store.read_slide(slide_id, whole=False)  # bounded memory: decoded `batch` regions at a time
     regions = arrays.regions
     if isinstance(regions, np.ndarray):  # raw memmap: its bytes were just hashed, nothing to decode
         return

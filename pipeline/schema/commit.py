@@ -80,8 +80,9 @@ def write_table(store_path: str | os.PathLike, table: SlideTable) -> None:
     root = Path(store_path)
     aside = root / f"{SLIDE_TABLE}.tmp-{uuid.uuid4().hex}"
     try:
+        text = json.dumps(table.to_json(), separators=(",", ":"))  # one write: json.dump's many are slower
         with open(aside, "w", encoding="utf-8") as handle:
-            json.dump(table.to_json(), handle, separators=(",", ":"))
+            handle.write(text)
             fsync_file(handle)
         os.replace(aside, root / SLIDE_TABLE)
     finally:

@@ -19,7 +19,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.storage import FsspecStore, LocalStore
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from pipeline.schema import codecs as _codecs  # registers the jpeg codec for zarr
 from pipeline.schema.checksums import array_checksum, slide_checksum
@@ -193,15 +194,23 @@ class TileStore:
         ))
         return dict(meta.get("attributes") or {})
 
-    def read_slide(self, slide_id: str) -> SlideArrays:
-        """Arrays of one complete slide; regions stay lazy (memmap or zarr array)."""
+    def read_slide(self, slide_id: str, *, whole: bool | None = None) -> SlideArrays:
+        """Arrays of one complete slide; regions stay lazy (memmap or zarr array).
+
+        whole: fetch a remote slide's regions file in one request and decode from memory
+        (None: yes for remote stores, where zarr would fetch a shard's index and then each
+        region with its own range request); False keeps them lazy on the remote store
+        (e.g. to decode a few regions of a large slide).
+        """
         self._record(slide_id)
         base = f"{SLIDES_GROUP}/{slide_id}"
         try:
             small = {name: self._small_array(f"{base}/{name}") for name in (COORDS, ORIGIN, FOREGROUND)}
             regions = self._memmap_regions(base) if self.is_local else None
+            if regions is None and not self.is_local and whole is not False:
+                regions = self._fetched_regions(f"{base}/{REGIONS}")
             if regions is None:
-                regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r")
+                regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r", zarr_format=3)
         except FileNotFoundError as error:
             raise TileStoreError(
                 f"slide {slide_id!r} is in {SLIDE_TABLE} but its arrays are missing from {self.url} ({error})"
@@ -210,6 +219,24 @@ class TileStore:
             slide_id=slide_id, regions=regions, coords=small[COORDS], origin=small[ORIGIN],
             foreground=small[FOREGROUND], load_attrs=functools.partial(self.slide_attrs, slide_id),
         )
+
+    def _fetched_regions(self, key: str) -> zarr.Array | None:
+        """The regions array decoded from an in-memory copy of its stored files (one GET for
+        `zarr.json`, one for the chunk or shard); None when its layout is not one chunk file."""
+        metadata = self._read_bytes(f"{key}/zarr.json")
+        if metadata is None:
+            raise FileNotFoundError(f"{key}/zarr.json")
+        meta = json.loads(metadata)
+        grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
+        shape = meta.get("shape") or []
+        if grid is None or list(grid) != list(shape) or not all(shape):
+            return None  # more than one chunk file (not what this writer makes), or empty
+        chunk_key = "c/" + "/".join("0" * len(shape))
+        data = self._read_bytes(f"{key}/{chunk_key}")
+        if data is None:
+            raise FileNotFoundError(f"{key}/{chunk_key}")
+        memory = MemoryStore(store_dict={"zarr.json": _buffer(metadata), chunk_key: _buffer(data)}, read_only=True)
+        return zarr.open_array(memory, mode="r", zarr_format=3)
 
     def _raw_chunk_layout(self, key: str) -> tuple[np.dtype, tuple[int, ...], str] | None:
         """(dtype, shape, chunk key) when the array at `key` is exactly one uncompressed chunk
@@ -239,7 +266,7 @@ class TileStore:
             data = self._read_bytes(chunk_key)
             if data is not None and len(data) == dtype.itemsize * int(np.prod(shape)):
                 return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-        return zarr.open_array(self._zarr_store, path=key, mode="r")[...]
+        return zarr.open_array(self._zarr_store, path=key, mode="r", zarr_format=3)[...]
 
     def _memmap_regions(self, base: str) -> np.ndarray | None:
         """The raw chunk as `np.memmap` when `regions` is one uncompressed uint8 chunk; else None."""
@@ -318,6 +345,10 @@ class TileStore:
             f"codec={self.attrs.codec.get('name')!r}, slides={len(self.table.slides)}, "
             f"failures={len(self.table.failures)})"
         )
+
+
+def _buffer(data: bytes):
+    return default_buffer_prototype().buffer.from_bytes(data)
 
 
 def _counted(blocks: Iterable[bytes], on_block: Callable[[int], None]) -> Iterator[bytes]:
