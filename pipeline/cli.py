@@ -45,26 +45,36 @@ def main() -> None:
 
 @main.command()
 @click.option("--manifest", "manifest", required=True, type=click.Path(dir_okay=False), help="Manifest CSV (data_manifests/<dataset>.csv).")
-@click.option("--magnification", required=True, type=click.Choice(MAGNIFICATIONS), help="Target magnification: 2.5, 5, 10 or 20 (= 4, 2, 1, 0.5 µm/px).")
+@click.option("--magnification", default=None, type=click.Choice(MAGNIFICATIONS),
+              help="Target magnification: 2.5, 5, 10, 20 or 40 (= 4, 2, 1, 0.5, 0.25 µm/px). Default: the existing store's.")
+@click.option("--mpp", "target_mpp", default=None, type=click.FloatRange(min=0.0, min_open=True),
+              help="Any target resolution in µm/px instead of --magnification (e.g. 0.3).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tile store to create or resume, e.g. tiles/demo/mag5.zarr.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Local Dask worker processes; 0 runs in this process.")
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (overrides --workers).")
-@click.option("--codec", default="none", show_default=True, type=click.Choice(["none", "zstd", "jpeg"]),
-              help="Regions layout: none = raw and memory-mapped (fastest reads), zstd = lossless, jpeg = q90, ~6–8× smaller (~30 dB PSNR on tissue), for network sharing.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers).")
+@click.option("--codec", default=None, type=click.Choice(["none", "zstd", "jpeg"]),
+              help="Regions layout: none = raw and memory-mapped (fastest reads; the default for a new store), zstd = lossless, jpeg = q90, ~6–8× smaller (~30 dB PSNR on tissue), for network sharing.")
 @click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="JPEG quality (codec jpeg; default 90).")
 @click.option("--zstd-level", default=None, type=click.IntRange(1, 22), help="zstd level (codec zstd; default 3).")
-@click.option("--min-foreground", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Least tissue fraction of a kept region.")
-@click.option("--region-size", default=224, show_default=True, type=click.IntRange(min=1), help="Region side R in px at the target magnification.")
-@click.option("--pen-filter/--no-pen-filter", default=False, show_default=True, help="Drop blue/green/black marker ink from the tissue mask.")
+@click.option("--min-foreground", default=None, type=click.FloatRange(0.0, 1.0), help="Least tissue fraction of a kept region (new store: 0.5).")
+@click.option("--region-size", default=None, type=click.IntRange(min=1), help="Region side R in px at the target resolution (new store: 224).")
+@click.option("--pen-filter/--no-pen-filter", default=None, help="Drop blue/green/black marker ink from the tissue mask (new store: off).")
+@click.option("--allow-upsampling", is_flag=True, help="Tile slides scanned coarser than the target (upsampled; recorded per slide) instead of failing them.")
+@click.option("--skip-missing", is_flag=True, help="Record a slide whose file is missing as failed and tile the others (default: stop before any work).")
+@click.option("--prune", is_flag=True, help="Remove slides that are in the store but no longer in the manifest.")
+@click.option("--repair", is_flag=True, help="Verify the complete slides first and redo the corrupt or missing ones.")
+@click.option("--no-lock", is_flag=True, help="File systems without flock: hold the store with an exclusive lease file instead.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_clean_errors
-def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
-          region_size, pen_filter, progress) -> None:
-    """Tile every slide of MANIFEST into the store OUT (resumes; exit status 1 when any slide
-    failed, 2 when bad input stopped the build before any work)."""
+def build(manifest, magnification, target_mpp, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
+          region_size, pen_filter, allow_upsampling, skip_missing, prune, repair, no_lock, progress) -> None:
+    """Tile every slide of MANIFEST into the store OUT (resumes with the store's own settings;
+    exit status 1 when any slide failed, 2 when bad input stopped the build before any work)."""
     from pipeline.driver import build_store
     from pipeline.tissue import TissueSettings
 
+    if magnification is not None and target_mpp is not None:
+        raise click.UsageError("give --magnification or --mpp, not both")
     options = {}
     if jpeg_quality is not None:
         if codec != "jpeg":
@@ -75,24 +85,48 @@ def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality,
             raise click.UsageError("--zstd-level needs --codec zstd")
         options["level"] = zstd_level
     summary = build_store(
-        manifest, out, magnification=float(magnification), codec=codec, codec_options=options,
-        min_foreground=min_foreground, region_size=region_size, tissue=TissueSettings(pen_filter=pen_filter),
-        workers=workers, scheduler=scheduler, progress=progress,
+        manifest, out, magnification=None if magnification is None else float(magnification), mpp=target_mpp,
+        codec=codec, codec_options=options, min_foreground=min_foreground, region_size=region_size,
+        tissue=None if pen_filter is None else TissueSettings(pen_filter=pen_filter),
+        workers=workers, scheduler=scheduler, progress=progress, skip_missing=skip_missing, prune=prune,
+        repair=repair, allow_upsampling=allow_upsampling, use_flock=not no_lock,
     )
     click.echo(summary.format())
     if not summary.ok:
         sys.exit(EXIT_SLIDES_FAILED)
 
 
+STORAGE_OPTIONS_HELP = (
+    "fsspec storage options as JSON for a remote store, e.g. '{\"anon\": true}' or "
+    "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}' (s3:// reads the AWS_* "
+    "environment variables, AWS_ENDPOINT_URL included, by default)."
+)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as error:
+        raise click.BadParameter(f"not JSON: {error}", param_hint="--storage-options") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
+    return options
+
+
 @main.command()
 @click.argument("store")
-@click.option("--verify", is_flag=True, help="Recompute every slide's checksums (reads all data).")
+@click.option("--verify", is_flag=True, help="Also run `pm-tiles verify` (reads all data).")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
 @_clean_errors
-def info(store, verify) -> None:
-    """Describe the tile store STORE (path or URL): settings, counts, sizes, failures."""
+def info(store, verify, storage_options) -> None:
+    """Describe the tile store STORE (path or URL): settings, counts per split and label, sizes, failures."""
     from pipeline.schema.reader import open_store
 
-    opened = open_store(store)
+    opened = open_store(store, storage_options=_storage_options(storage_options))
     attrs = opened.attrs
     codec = dict(attrs.codec)
     name = codec.pop("name")
@@ -103,7 +137,7 @@ def info(store, verify) -> None:
     lines = [
         f"store          {opened.url}",
         f"format         {attrs.format} {attrs.version} (pipeline {attrs.pipeline_version}, created {attrs.created})",
-        f"magnification  {attrs.magnification:g}× ({attrs.mpp:g} µm/px), regions {attrs.region_size}×{attrs.region_size} px, "
+        f"magnification  {attrs.magnification:.3g}× ({attrs.mpp:g} µm/px), regions {attrs.region_size}×{attrs.region_size} px, "
         f"min foreground {attrs.min_foreground:g}",
         f"codec          {name}" + (f" ({settings})" if settings else ""),
         f"slides         {len(slides)} complete, {len(opened.failures)} failed; {n_regions} regions"
@@ -112,6 +146,9 @@ def info(store, verify) -> None:
     if len(slides):
         labels = slides["label"].fillna("(none)").value_counts().sort_index()
         lines.append("labels         " + ", ".join(f"{k}: {v}" for k, v in labels.items()))
+        splits = slides["split"].fillna("(none)").value_counts().sort_index()
+        lines.append("splits         " + ", ".join(f"{k}: {v}" for k, v in splits.items()))
+        lines.append(_split_label_table(slides))
     if opened.is_local:
         root = Path(opened.url)
         regions = sum(_disk_size(root / SLIDES_GROUP / slide_id / REGIONS) for slide_id in opened.slide_ids)
@@ -123,9 +160,75 @@ def info(store, verify) -> None:
         lines.append(f"FAILED         {row.slide_id} ({row.source_path}): {row.reason}")
     click.echo("\n".join(lines))
     if verify:
-        for slide_id in opened.slide_ids:
-            opened.verify_slide(slide_id)
-        click.echo(f"verified       {len(opened.slide_ids)} slides: checksums match")
+        from pipeline.verify import verify_store
+
+        report = verify_store(store, storage_options=_storage_options(storage_options))
+        click.echo(report.format() if not report.ok else f"verified       {report.n_slides} slides: checksums match")
+        if not report.ok:
+            sys.exit(EXIT_SLIDES_FAILED)
+
+
+def _split_label_table(slides) -> str:
+    """Slides per split (rows) and label (columns), as text."""
+    import pandas as pd
+
+    table = pd.crosstab(slides["split"].fillna("(none)"), slides["label"].fillna("(none)"), margins=True,
+                        margins_name="all")
+    table.columns.name = None
+    text = table.rename_axis("split \\ label").reset_index().to_string(index=False)
+    return "per split and label:\n" + "\n".join("  " + line for line in text.splitlines())
+
+
+@main.command()
+@click.argument("store")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@_clean_errors
+def verify(store, storage_options, progress) -> None:
+    """Check every slide of STORE (path or URL), streamed: format, shapes, dtypes, decoding and
+    content checksums. Lists every corrupt or missing slide; exit status 1 when there is any."""
+    from pipeline.verify import verify_store
+
+    report = verify_store(store, storage_options=_storage_options(storage_options), progress=progress)
+    click.echo(report.format())
+    if not report.ok:
+        sys.exit(EXIT_SLIDES_FAILED)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("local", type=click.Path(file_okay=False))
+@click.option("--codec", default=None, type=click.Choice(["none", "zstd", "jpeg"]),
+              help="Transcode the regions (default: keep the source's codec); none = memory-mapped reads.")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@_clean_errors
+def stage(source, local, codec, storage_options, progress) -> None:
+    """Copy the store SOURCE (path or URL) to the local folder LOCAL, verifying every slide's
+    checksums as it is read; resumable (slides already staged are skipped)."""
+    from pipeline.stage import stage_store
+
+    summary = stage_store(source, local, codec=codec, storage_options=_storage_options(storage_options),
+                          progress=progress)
+    click.echo(summary.format())
+    if not summary.ok:
+        sys.exit(EXIT_SLIDES_FAILED)
+
+
+@main.command("export-coords")
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the coordinate files.")
+@click.option("--format", "fmt", default="h5", show_default=True, type=click.Choice(["h5", "csv"]),
+              help="h5: one CLAM/TRIDENT-style <slide_id>.h5 per slide (dataset coords, level-0 x, y); csv: one coords.csv.")
+@click.option("--storage-options", "storage_options", default=None, help=STORAGE_OPTIONS_HELP)
+@_clean_errors
+def export_coords(store, out, fmt, storage_options) -> None:
+    """Write each complete slide's region coordinates (level-0 origins, patch size and level)
+    for MIL code that reads CLAM/TRIDENT patch files."""
+    from pipeline.export import export_coords as run_export
+
+    paths = run_export(store, out, fmt=fmt, storage_options=_storage_options(storage_options))
+    click.echo(f"wrote {len(paths)} coordinate file(s) to {out}")
 
 
 @main.command()

@@ -1,9 +1,13 @@
-"""The Dask driver: one task per slide, the slide table updated after each (DESIGN.md §5).
+"""The Dask driver: one task per slide, the slide table written in batches (DESIGN.md §5).
 
 Workers write and commit slide groups (`pipeline.process.process_slide`); the driver
-alone rewrites `slides.json`, atomically, after every finished task, so a kill at any
-moment loses at most the table update of slides already renamed into place, which the
-next run's `reconcile` restores.
+alone writes `slides.json`, atomically, every `TableBatch` slides or seconds and at the
+end (`pipeline.table_batch`), so a kill at any moment loses at most the table rows of
+slides already renamed into place, which the next run's `reconcile` restores.
+
+The store is created only once its build lock is held (`pipeline.locking`), and every
+task carries the build's id: a task left running by a killed driver cannot commit into
+the store a restarted build holds.
 """
 
 from __future__ import annotations
@@ -15,72 +19,78 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 import pipeline
+from pipeline.build_summary import BuildSummary, SlideStatus, write_status_csv
+from pipeline.locking import build_lock
 from pipeline.manifest import ManifestRow, load_manifest
-from pipeline.process import ProcessSettings, SlideResult, process_slide
+from pipeline.process import ProcessSettings, SlideResult, file_sha256, process_slide
 from pipeline.schema.codecs import codec_settings
-from pipeline.schema.commit import reconcile, temp_group_name, write_table
-from pipeline.schema.errors import TileStoreError
-from pipeline.schema.format import SLIDES_GROUP, FailureRecord, SlideRecord, StoreAttrs, mpp_for_magnification
+from pipeline.schema.commit import reconcile, temp_group_name
+from pipeline.schema.format import (
+    MAGNIFICATION_TO_MPP,
+    SLIDES_GROUP,
+    FailureRecord,
+    SlideRecord,
+    StoreAttrs,
+    magnification_for_mpp,
+    mpp_for_magnification,
+)
 from pipeline.slide import fingerprint, open_slide
-from pipeline.store_writer import create_store
+from pipeline.store_writer import check_store_folder, create_store, read_store_attrs
+from pipeline.table_batch import BatchedTable, TableBatch
 from pipeline.tissue import TissueSettings
 
-LOCK_FILE = ".build.lock"  # at the store root; held (flock) for a whole build
+__all__ = ["BuildSummary", "SlideStatus", "TableBatch", "build_store", "slide_task"]
+
+DEFAULTS = {"codec": "none", "region_size": 224, "min_foreground": 0.5}
 
 
-@dataclass(frozen=True, kw_only=True)
-class BuildSummary:
-    """Outcome of a build: slide ids written now, skipped (complete, unchanged) and failed."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SkipKey:
+    """What a complete slide was tiled from, besides the store's settings: the source's
+    fingerprint, the manifest's mpp override and the sha256 of its tissue GeoJSON.
+    A slide is re-tiled when any of them changed."""
 
-    store_path: str
-    total: int
-    written: tuple[str, ...] = ()
-    skipped: tuple[str, ...] = ()
-    failures: tuple[FailureRecord, ...] = ()
-    n_regions: int = 0
-    seconds: float = 0.0
-    reconciled: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fingerprint: str
+    manifest_mpp: float | None
+    tissue_geojson_sha256: str | None
 
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def format(self) -> str:
-        """Human-readable summary, failures listed with their reasons."""
-        lines = [
-            f"tile store {self.store_path}: {self.total} slides in the manifest; "
-            f"{len(self.written)} written ({self.n_regions} regions), {len(self.skipped)} already complete, "
-            f"{len(self.failures)} failed, in {self.seconds:.1f} s",
-        ]
-        for kind, ids in self.reconciled.items():
-            if ids:
-                lines.append(f"  reconciled ({kind}): {', '.join(ids)}")
-        for failure in self.failures:
-            lines.append(f"  FAILED {failure.slide_id} ({failure.source_path}): {failure.reason}")
-        return "\n".join(lines)
+    @classmethod
+    def of(cls, record: SlideRecord) -> "SkipKey":
+        return cls(fingerprint=record.fingerprint, manifest_mpp=record.manifest_mpp,
+                   tissue_geojson_sha256=record.tissue_geojson_sha256)
 
 
-def slide_task(row: ManifestRow, store_path: str, settings: ProcessSettings, known_fingerprint: str | None) -> SlideResult | None:
+def slide_task(row: ManifestRow, store_path: str, settings: ProcessSettings, known: SkipKey | None) -> SlideResult | None:
     """One Dask task: None when the slide is complete and must be kept (skip), else
     `process_slide`'s result (which never raises).
 
-    A complete slide is kept when its source still has the recorded fingerprint, and also
-    when the source cannot be opened now (a permission or network hiccup, a file being
-    copied): redoing it would fail and lose the complete slide (DESIGN.md §8). Only a
-    source that opens with another fingerprint is re-tiled.
+    A complete slide is re-tiled when the manifest's mpp or tissue GeoJSON changed, or
+    its source opens with another fingerprint. It is kept when the source cannot be
+    opened now (a permission or network hiccup, a file being copied): redoing it would
+    fail and lose the complete slide (DESIGN.md §8).
     """
-    if known_fingerprint is not None:
+    if known is not None and _manifest_inputs_unchanged(row, known):
         current = _fingerprint_or_none(row.path)
-        if current is None or current == known_fingerprint:
+        if current is None or current == known.fingerprint:
             return None
     return process_slide(row, store_path, settings)
+
+
+def _manifest_inputs_unchanged(row: ManifestRow, known: SkipKey) -> bool:
+    if row.mpp != known.manifest_mpp:
+        return False
+    if row.tissue_geojson is None:
+        return known.tissue_geojson_sha256 is None
+    try:
+        return file_sha256(row.tissue_geojson) == known.tissue_geojson_sha256
+    except OSError:
+        return True  # unreadable now: keep the complete slide, as for an unreadable source
 
 
 def _fingerprint_or_none(path: str) -> str | None:
@@ -96,121 +106,201 @@ def _fingerprint_or_none(path: str) -> str | None:
         slide.close()
 
 
+def resolve_store_attrs(
+    existing: StoreAttrs | None, *, magnification: float | None, mpp: float | None, codec: str | None,
+    codec_options: dict[str, Any] | None, min_foreground: float | None, region_size: int | None,
+    tissue: TissueSettings | None,
+) -> StoreAttrs:
+    """The store's settings for this build: each one given, else the existing store's,
+    else the default. (A mismatch with the existing store is `create_store`'s to report.)"""
+    if magnification is not None and mpp is not None:
+        raise ValueError("give either a magnification or a target mpp, not both")
+    if mpp is not None:
+        target_mpp, magnification = float(mpp), magnification_for_mpp(mpp)
+    elif magnification is not None:
+        target_mpp = mpp_for_magnification(magnification)
+    elif existing is not None:
+        target_mpp, magnification = existing.mpp, existing.magnification
+    else:
+        named = ", ".join(f"{m:g}" for m in MAGNIFICATION_TO_MPP)
+        raise ValueError(f"the store does not exist yet: give a magnification ({named}) or a target mpp (µm/px)")
+    if codec is not None:
+        codec_attr = codec_settings(codec, **(codec_options or {}))
+    elif codec_options:
+        raise ValueError("codec options need the codec they belong to")
+    else:
+        codec_attr = dict(existing.codec) if existing is not None else codec_settings(DEFAULTS["codec"])
+
+    def pick(value, name):
+        if value is not None:
+            return value
+        return getattr(existing, name) if existing is not None else DEFAULTS[name]
+
+    segmentation = tissue.to_json() if tissue is not None else (
+        dict(existing.segmentation) if existing is not None else TissueSettings().to_json())
+    attrs = StoreAttrs(
+        magnification=float(magnification), mpp=float(target_mpp), region_size=int(pick(region_size, "region_size")),
+        min_foreground=float(pick(min_foreground, "min_foreground")), codec=codec_attr, segmentation=segmentation,
+        pipeline_version=pipeline.__version__,
+    )
+    if attrs.region_size < 1:
+        raise ValueError(f"region size must be ≥ 1 px, got {attrs.region_size}")
+    if not 0.0 <= attrs.min_foreground <= 1.0:
+        raise ValueError(f"min foreground must be in [0, 1], got {attrs.min_foreground}")
+    return attrs
+
+
+def _tissue_settings(segmentation: dict[str, Any]) -> TissueSettings:
+    names = {f.name for f in dataclasses.fields(TissueSettings)}
+    return TissueSettings(**{k: v for k, v in segmentation.items() if k in names})
+
+
 def build_store(
     manifest_path: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    magnification: float,
-    codec: str = "none",
+    magnification: float | None = None,
+    mpp: float | None = None,
+    codec: str | None = None,
     codec_options: dict[str, Any] | None = None,
-    min_foreground: float = 0.5,
-    region_size: int = 224,
+    min_foreground: float | None = None,
+    region_size: int | None = None,
     tissue: TissueSettings | None = None,
     workers: int = 2,
     scheduler: str | None = None,
     progress: bool = True,
+    skip_missing: bool = False,
+    prune: bool = False,
+    repair: bool = False,
+    allow_upsampling: bool = False,
+    use_flock: bool = True,
+    table_batch: TableBatch = TableBatch(),
 ) -> BuildSummary:
     """Build (or resume) the tile store `out` from a manifest.
 
-    magnification: 2.5, 5, 10 or 20 (target µm/px 4, 2, 1, 0.5); region_size: R in px;
-    min_foreground: least tissue fraction of a kept region; workers: local Dask worker
-    processes (0 runs every slide in this process, in order); scheduler: address of an
-    existing Dask scheduler (overrides workers; its workers need this package installed).
-    Raises ManifestError (every bad row) before any work, StoreMismatchError when `out`
-    holds a store with other settings. Slide failures do not raise: see the summary.
+    magnification: a named one (2.5, 5, 10, 20, 40 = 4, 2, 1, 0.5, 0.25 µm/px) or `mpp`:
+    any target µm/px; region_size: R in px; min_foreground: least tissue fraction of a
+    kept region. A setting left None is the existing store's (else the default), so a
+    re-run needs no options. workers: local Dask worker processes (0 runs every slide in
+    this process, in order); scheduler: address of an existing Dask scheduler (overrides
+    workers; its workers need this package and the store's path). skip_missing: a slide
+    whose file is absent is recorded as failed instead of stopping the build; prune:
+    remove slides not in the manifest; repair: verify complete slides and redo the corrupt
+    ones; allow_upsampling: tile slides scanned coarser than the target (recorded);
+    use_flock False: an exclusive lease file instead of flock (`pipeline.locking`).
+    Raises ManifestError (every bad row) before any work, StoreMismatchError (the
+    settings that differ) when `out` holds a store with other settings, StoreLockedError
+    when another build holds it. Slide failures do not raise: see the summary.
     """
     started = time.perf_counter()
-    if region_size < 1:
-        raise ValueError(f"region size must be ≥ 1 px, got {region_size}")
-    if not 0.0 <= min_foreground <= 1.0:
-        raise ValueError(f"min foreground must be in [0, 1], got {min_foreground}")
     if workers < 0:
         raise ValueError(f"workers must be ≥ 0, got {workers}")
-    rows = load_manifest(manifest_path)
-    tissue = tissue or TissueSettings()
-    target_mpp = mpp_for_magnification(magnification)
-    codec_attr = codec_settings(codec, **(codec_options or {}))
+    rows = load_manifest(manifest_path, skip_missing=skip_missing)
     store_path = os.path.abspath(out)  # workers of a --scheduler cluster resolve paths on their own
-    create_store(store_path, StoreAttrs(
-        magnification=float(magnification), mpp=target_mpp, region_size=int(region_size),
-        min_foreground=float(min_foreground), codec=codec_attr, segmentation=tissue.to_json(),
-        pipeline_version=pipeline.__version__,
-    ))
-    settings = ProcessSettings(
-        target_mpp=target_mpp, region_size=int(region_size), min_foreground=float(min_foreground),
-        codec=codec, codec_settings={k: v for k, v in codec_attr.items() if k not in ("name", "zarr_codec")},
-        tissue=tissue,
-    )
-    with _build_lock(store_path):
-        summary = _run(rows, store_path, settings, workers=workers, scheduler=scheduler, progress=progress)
+    check_store_folder(store_path)
+    Path(store_path).mkdir(parents=True, exist_ok=True)
+    with build_lock(store_path, use_flock=use_flock) as writer:
+        try:
+            existing = read_store_attrs(store_path)
+        except Exception:  # noqa: BLE001 — no store yet (or an interrupted creation): create it
+            existing = None
+        attrs = create_store(store_path, resolve_store_attrs(
+            existing, magnification=magnification, mpp=mpp, codec=codec, codec_options=codec_options,
+            min_foreground=min_foreground, region_size=region_size, tissue=tissue,
+        ))
+        settings = ProcessSettings(
+            target_mpp=attrs.mpp, region_size=attrs.region_size, min_foreground=attrs.min_foreground,
+            codec=attrs.codec["name"],
+            codec_settings={k: v for k, v in attrs.codec.items() if k not in ("name", "zarr_codec")},
+            tissue=_tissue_settings(attrs.segmentation), allow_upsampling=allow_upsampling,
+            build_id=writer.build_id,
+        )
+        summary = _run(rows, store_path, settings, workers=workers, scheduler=scheduler, progress=progress,
+                       prune=prune, repair=repair, batch=table_batch)
     return dataclasses.replace(summary, seconds=time.perf_counter() - started)
 
 
 def _run(rows: list[ManifestRow], store_path: str, settings: ProcessSettings, *, workers: int,
-         scheduler: str | None, progress: bool) -> BuildSummary:
-    """Reconcile, run one task per slide, rewrite the table after each; the summary's
-    `seconds` is left for the caller."""
+         scheduler: str | None, progress: bool, prune: bool, repair: bool, batch: TableBatch) -> BuildSummary:
+    """Reconcile, prune/repair, run one task per slide, write the table in batches; the
+    summary's `seconds` is left for the caller."""
     table, report = reconcile(store_path)
+    batched = BatchedTable(store_path, table, batch)
+    manifest_ids = {row.slide_id for row in rows}
+    stale = tuple(sorted((set(table.slides) | set(table.failures)) - manifest_ids))
+    pruned: tuple[str, ...] = ()
+    statuses: dict[str, SlideStatus] = {}
+    if prune and stale:
+        for slide_id in stale:
+            _remove_group(store_path, slide_id)
+            batched.remove(slide_id)
+            statuses[slide_id] = SlideStatus(slide_id=slide_id, state="pruned", reason="not in the manifest")
+        pruned, stale = stale, ()
+        batched.flush()
+    repaired: tuple[str, ...] = ()
+    if repair:
+        from pipeline.verify import verify_store
+
+        bad = verify_store(store_path, slide_ids=[r.slide_id for r in rows]).problems
+        repaired = tuple(sorted(bad))
     written: list[str] = []
     skipped: list[str] = []
     failures: dict[str, FailureRecord] = {}
     n_regions = 0
-    bar = tqdm(total=len(rows), unit="slide", desc="tiling", disable=not progress)
+    tasks = []
+    for row in rows:
+        record = batched.slides.get(row.slide_id)
+        if not Path(row.path).exists() and record is None:  # --skip-missing: recorded, never dispatched
+            failure = FailureRecord(slide_id=row.slide_id, source_path=row.path,
+                                    reason=f"slide file not found: {row.path}", error_type="SlideNotFoundError")
+            batched.put_failure(failure)
+            failures[row.slide_id] = failure
+            statuses[row.slide_id] = SlideStatus(slide_id=row.slide_id, state="missing", reason=failure.reason)
+            continue
+        known = SkipKey.of(record) if record is not None and row.slide_id not in repaired else None
+        tasks.append((row, store_path, settings, known))
+    bar = tqdm(total=len(tasks), unit="slide", desc="tiling", disable=not progress)
     try:
         with _executor(workers, scheduler) as run_all:
-            tasks = [
-                (row, store_path, settings, table.slides[row.slide_id].fingerprint if row.slide_id in table.slides else None)
-                for row in rows
-            ]
             for row, result in run_all(tasks):
                 if result is None:
                     skipped.append(row.slide_id)
-                    relabelled = _with_manifest_fields(table.slides[row.slide_id], row)
-                    if relabelled != table.slides[row.slide_id]:
-                        table = table.with_slide(relabelled)
-                        write_table(store_path, table)
+                    current = batched.slides[row.slide_id]
+                    relabelled = _with_manifest_fields(current, row)
+                    if relabelled != current:
+                        batched.put_slide(relabelled)
+                    statuses[row.slide_id] = SlideStatus(slide_id=row.slide_id, state="skipped",
+                                                         n_regions=current.n_regions)
                 elif result.ok and result.record is not None:
-                    table = table.with_slide(result.record)
-                    failures.pop(row.slide_id, None)
+                    batched.put_slide(result.record)
                     written.append(row.slide_id)
                     n_regions += result.n_regions
+                    statuses[row.slide_id] = SlideStatus(slide_id=row.slide_id, state="written",
+                                                         n_regions=result.n_regions, seconds=result.seconds)
                 else:
                     failure = result.failure or FailureRecord(
                         slide_id=row.slide_id, source_path=row.path, reason="the task returned no record",
                         error_type="RuntimeError",
                     )
-                    _remove_stale_group(store_path, row.slide_id)
-                    table = table.with_failure(failure)
+                    _remove_group(store_path, row.slide_id)
+                    batched.put_failure(failure)
                     failures[row.slide_id] = failure
-                if result is not None:
-                    write_table(store_path, table)
+                    statuses[row.slide_id] = SlideStatus(slide_id=row.slide_id, state="failed",
+                                                         seconds=result.seconds, reason=failure.reason)
                 bar.update(1)
                 bar.set_postfix(failed=len(failures), refresh=False)
     finally:
         bar.close()
+        batched.flush()
+    ordered = tuple(statuses[row.slide_id] for row in rows if row.slide_id in statuses) + tuple(
+        statuses[i] for i in pruned)
+    status_csv = write_status_csv(store_path, ordered)
     return BuildSummary(
         store_path=store_path, total=len(rows), written=tuple(written), skipped=tuple(skipped),
         failures=tuple(failures.values()), n_regions=n_regions,
         reconciled={"added": report.added, "refreshed": report.refreshed, "dropped": report.dropped},
+        stale=stale, pruned=pruned, repaired=repaired, statuses=ordered, status_csv=str(status_csv),
     )
-
-
-@contextmanager
-def _build_lock(store_path: str) -> Iterator[None]:
-    """Hold an exclusive lock on the store for the whole build: a second build on the same
-    store would remove the first one's temporary groups when it reconciles. The OS drops
-    the lock when the process dies, even by kill -9."""
-    import fcntl
-
-    with open(Path(store_path) / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TileStoreError(f"another `pm-tiles build` is writing {store_path}; wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _with_manifest_fields(record: SlideRecord, row: ManifestRow) -> SlideRecord:
@@ -221,8 +311,9 @@ def _with_manifest_fields(record: SlideRecord, row: ManifestRow) -> SlideRecord:
     )
 
 
-def _remove_stale_group(store_path: str, slide_id: str) -> None:
-    """A slide that failed keeps no visible group (else reconcile would bring it back)."""
+def _remove_group(store_path: str, slide_id: str) -> None:
+    """A slide that failed (or is pruned) keeps no visible group (else reconcile would
+    bring it back): renamed aside in one step, then deleted."""
     group = Path(store_path) / SLIDES_GROUP / slide_id
     if group.exists():
         aside = group.with_name(temp_group_name(slide_id))
@@ -230,7 +321,7 @@ def _remove_stale_group(store_path: str, slide_id: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-Task = tuple[ManifestRow, str, ProcessSettings, "str | None"]
+Task = tuple[ManifestRow, str, ProcessSettings, "SkipKey | None"]
 Runner = Callable[[list[Task]], Iterator[tuple[ManifestRow, "SlideResult | None"]]]
 
 

@@ -18,17 +18,19 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.schema.format import TEMP_PREFIX
+from pipeline.schema.format import slide_id_problem
 
 REQUIRED_COLUMNS = ("slide_id", "path")
 KNOWN_COLUMNS = ("slide_id", "path", "label", "split", "case_id", "mpp", "tissue_geojson")
-SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 # File extensions OpenSlide opens (its vendor formats, generic TIFF and DICOM).
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
     ".svslide", ".bif", ".dcm", ".czi",
 )
+
+
+_SKIP_HINT = " (pass --skip-missing to record missing slides as failed and tile the others)"
 
 
 class ManifestError(ValueError):
@@ -73,11 +75,14 @@ def _resolve(base: Path, value: str) -> Path:
     return (candidate if candidate.is_absolute() else base / candidate).resolve()
 
 
-def load_manifest(path: str | Path) -> list[ManifestRow]:
+def load_manifest(path: str | Path, *, skip_missing: bool = False) -> list[ManifestRow]:
     """Read and validate a manifest; raise `ManifestError` listing every bad row with its line.
 
-    Checks: required columns; slide_id present, well-formed and unique; the slide
-    file exists; mpp a positive finite number when given; tissue_geojson exists when given.
+    Checks: required columns; slide_id present, well-formed, not a name the store
+    reserves, and unique; the slide file exists (unless `skip_missing`: then a row whose
+    file is missing is returned, and the build records it as a failed slide); no file
+    under two slide ids; no case_id in two splits (one patient on both sides of a split);
+    mpp a positive finite number when given; tissue_geojson exists when given.
     """
     manifest = Path(path)
     if not manifest.is_file():
@@ -95,6 +100,8 @@ def load_manifest(path: str | Path) -> list[ManifestRow]:
     problems: list[tuple[int, str]] = []
     rows: list[ManifestRow] = []
     first_line: dict[str, int] = {}
+    first_path: dict[str, tuple[int, str | None]] = {}
+    case_splits: dict[str, dict[str, int]] = {}  # case_id → split → first line
     for line, record in records:
         if None in record:
             problems.append((line, f"has {len(columns) + len(record[None])} cells but the header has {len(columns)}"))
@@ -105,13 +112,8 @@ def load_manifest(path: str | Path) -> list[ManifestRow]:
         slide_id = _cell(record, "slide_id")
         if slide_id is None:
             bad.append("empty slide_id")
-        elif not SLIDE_ID_PATTERN.fullmatch(slide_id):
-            bad.append(f"slide_id {slide_id!r} has characters outside [A-Za-z0-9._-]")
-        elif slide_id in (".", "..") or slide_id.startswith(TEMP_PREFIX):
-            bad.append(
-                f"slide_id {slide_id!r} cannot be a store key ('.' and '..' are path parts; "
-                f"'{TEMP_PREFIX}' names the store's temporary groups)"
-            )
+        elif (problem := slide_id_problem(slide_id)) is not None:
+            bad.append(problem)
         elif slide_id in first_line:
             bad.append(f"duplicate slide_id {slide_id!r} (first on line {first_line[slide_id]})")
         else:
@@ -123,8 +125,13 @@ def load_manifest(path: str | Path) -> list[ManifestRow]:
             bad.append("empty path")
         else:
             slide_path = _resolve(base, raw_path)
-            if not slide_path.is_file():
-                bad.append(f"slide file not found: {slide_path}")
+            if not slide_path.is_file() and not (skip_missing and not slide_path.exists()):
+                bad.append(f"slide file not found: {slide_path}" + ("" if slide_path.exists() else _SKIP_HINT))
+            elif str(slide_path) in first_path:
+                other_line, other_id = first_path[str(slide_path)]
+                bad.append(f"file {slide_path} is listed twice: as {slide_id!r} and as {other_id!r} (line {other_line})")
+            else:
+                first_path[str(slide_path)] = (line, slide_id)
 
         mpp: float | None = None
         raw_mpp = _cell(record, "mpp")
@@ -143,6 +150,17 @@ def load_manifest(path: str | Path) -> list[ManifestRow]:
             geojson = _resolve(base, raw_geojson)
             if not geojson.is_file():
                 bad.append(f"tissue_geojson file not found: {geojson}")
+
+        case_id, split = _cell(record, "case_id"), _cell(record, "split")
+        if case_id is not None and split is not None:
+            splits = case_splits.setdefault(case_id, {})
+            if split not in splits and splits:
+                other_split, other_line = next(iter(splits.items()))
+                bad.append(
+                    f"case_id {case_id!r} is in split {split!r} here and in split {other_split!r} on line "
+                    f"{other_line}: one patient's slides must stay in one split (patient leakage)"
+                )
+            splits.setdefault(split, line)
 
         if bad:
             problems.extend((line, message) for message in bad)
@@ -202,14 +220,17 @@ def write_manifest(
     labels_csv: str | Path | None = None,
     id_column: str | None = None,
     label_column: str | None = None,
+    case_column: str | None = None,
 ) -> pd.DataFrame:
     """Manifest for every slide file under `slide_dir` (absolute paths), labels optionally joined.
 
     slide_id is the file stem, sanitised (a DICOM series takes its folder's name).
     labels_csv: a table such as PANDA's `train.csv`; `id_column` (default: its first
     column) is matched against slide_id, `label_column` (default: its second column)
-    becomes `label`; its other columns are carried along. Slides without a label get
-    an empty one. Raises ValueError on an empty folder, duplicate ids or unknown columns.
+    becomes `label`, `case_column` (optional) becomes `case_id`; its other columns are
+    carried along. Slides without a label get an empty one; when some are unmatched,
+    `table.attrs["label_warning"]` says how many, shows examples and the likely cause.
+    Raises ValueError on an empty folder, duplicate ids or unknown columns.
     """
     folder = Path(slide_dir)
     if not folder.is_dir():
@@ -232,14 +253,48 @@ def write_manifest(
         raise ValueError(f"{labels_csv} needs an id and a label column; it has {list(labels.columns)}")
     id_column = id_column or labels.columns[0]
     label_column = label_column or labels.columns[1]
-    for column in (id_column, label_column):
+    for column in (id_column, label_column, *([case_column] if case_column else [])):
         if column not in labels.columns:
             raise ValueError(f"column {column!r} not in {labels_csv}; columns are {list(labels.columns)}")
     if labels[id_column].duplicated().any():
         dupes = sorted(labels.loc[labels[id_column].duplicated(), id_column].unique())[:5]
         raise ValueError(f"{labels_csv}: duplicate ids in {id_column!r}, e.g. {dupes}")
-    labels = labels.rename(columns={id_column: "slide_id", label_column: "label"})
+    renames = {id_column: "slide_id", label_column: "label", **({case_column: "case_id"} if case_column else {})}
+    labels = labels.drop(columns=[c for c in ("slide_id", "label", "case_id") if c in labels.columns and c not in renames])
+    labels = labels.rename(columns=renames)
+    raw_ids = labels["slide_id"].tolist()
     labels["slide_id"] = labels["slide_id"].map(sanitize_slide_id)
     drop = [c for c in ("path",) if c in labels.columns]
-    merged = table.merge(labels.drop(columns=drop), on="slide_id", how="left")
-    return merged.fillna("")
+    merged = table.merge(labels.drop(columns=drop), on="slide_id", how="left").fillna("")
+    unmatched = [i for i in ids if i not in set(labels["slide_id"])]
+    if unmatched:
+        merged.attrs["label_warning"] = unmatched_labels_message(unmatched, raw_ids, len(ids), str(labels_csv), id_column)
+    return merged
+
+
+def unmatched_labels_message(unmatched: list[str], label_ids: list[str], n_slides: int, labels_csv: str,
+                             id_column: str) -> str:
+    """Warning for slides that found no label: how many, a few of them, a few of the
+    labels' ids, and the likely cause (file extensions in the ids, or letter case)."""
+    def stem(value: str) -> str:
+        name = value.rsplit("/", 1)[-1]
+        for ext in SLIDE_EXTENSIONS:
+            if name.lower().endswith(ext):
+                return name[: -len(ext)]
+        return name
+
+    known = {sanitize_slide_id(v) for v in label_ids}
+    lines = [
+        f"warning: {len(unmatched)} of {n_slides} slides have no label in {labels_csv} (column {id_column!r}), "
+        f"e.g. {', '.join(repr(u) for u in unmatched[:3])}; its ids look like "
+        f"{', '.join(repr(v) for v in label_ids[:3])}",
+    ]
+    by_stem = {sanitize_slide_id(stem(v)) for v in label_ids}
+    by_case = {v.lower() for v in known}
+    if any(u in by_stem for u in unmatched):
+        lines.append("likely cause: the labels' ids carry file extensions or folders; slide ids are file stems")
+    elif any(u.lower() in by_case for u in unmatched):
+        lines.append("likely cause: letter case differs between file names and the labels' ids (matching is exact)")
+    elif not set(unmatched) & known:
+        lines.append(f"likely cause: a different id column; pass --id-column (columns are read from {labels_csv})")
+    return "\n".join(lines)

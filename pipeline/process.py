@@ -6,18 +6,23 @@ reason, so one bad slide never stops a run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import shapely
+
+import pipeline
 from pipeline.extract import iter_regions
-from pipeline.grid import choose_level, region_grid
+from pipeline.grid import LEVEL_TOLERANCE, choose_level, region_grid
 from pipeline.manifest import ManifestRow
-from pipeline.schema.format import FailureRecord, SlideRecord
+from pipeline.schema.format import TISSUE_GEOJSON, FailureRecord, SlideRecord
 from pipeline.slide import SlideError, fingerprint, open_slide, resolve_mpp
 from pipeline.store_writer import write_slide
-from pipeline.tissue import TissueSettings, load_tissue_geojson, segment_tissue, tissue_to_geojson
+from pipeline.tissue import TissueSettings, load_tissue_geojson, mask_to_polygons, tissue_mask, tissue_to_geojson
 
 
 class NoTissueError(Exception):
@@ -28,12 +33,27 @@ class TissueGeojsonError(Exception):
     """The manifest's tissue_geojson file cannot be used."""
 
 
+class UpsamplingError(Exception):
+    """The target resolution is finer than the slide's level 0 and upsampling was not allowed."""
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex of a (small) file, e.g. a manifest's tissue GeoJSON: part of a slide's skip key."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProcessSettings:
     """How to tile a slide. target_mpp: µm/px of the regions; region_size: R in px;
     min_foreground: least tissue fraction of a kept region; codec, codec_settings: the
     store's region codec (the store decides; recorded here for the driver's create_store);
-    tissue: segmentation settings."""
+    tissue: segmentation settings; allow_upsampling: tile a slide whose level 0 is coarser
+    than the target (recorded per slide) instead of failing it; build_id: the driver's
+    build (`pipeline.locking`), so a task commits only while that build holds the store."""
 
     target_mpp: float
     region_size: int = 224
@@ -41,6 +61,8 @@ class ProcessSettings:
     codec: str = "none"
     codec_settings: dict[str, Any] = field(default_factory=dict)
     tissue: TissueSettings = field(default_factory=TissueSettings)
+    allow_upsampling: bool = False
+    build_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +78,7 @@ class SlideResult:
 
 
 def _failure(row: ManifestRow, error: BaseException, started: float) -> SlideResult:
-    if isinstance(error, (SlideError, NoTissueError, TissueGeojsonError)):
+    if isinstance(error, (SlideError, NoTissueError, TissueGeojsonError, UpsamplingError)):
         reason = str(error)
     else:
         where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
@@ -86,14 +108,27 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
     slide = open_slide(row.path)
     try:
         mpp0, mpp_source = resolve_mpp(slide, row.mpp)
+        upsampled = settings.target_mpp < mpp0 * (1 - LEVEL_TOLERANCE)
+        if upsampled and not settings.allow_upsampling:
+            raise UpsamplingError(
+                f"target {settings.target_mpp:g} µm/px is finer than the slide's level 0 ({mpp0:g} µm/px, from "
+                f"{mpp_source}): its regions would be upsampled ×{mpp0 / settings.target_mpp:.2f}, inventing detail; "
+                "build a coarser store, or pass --allow-upsampling (recorded in the slide table)"
+            )
         source_fingerprint = fingerprint(row.path, slide)
+        geojson_sha256 = None
         if row.tissue_geojson:
             try:
+                geojson_sha256 = file_sha256(row.tissue_geojson)
                 tissue = load_tissue_geojson(row.tissue_geojson)
-            except ValueError as error:
+            except (OSError, ValueError) as error:
                 raise TissueGeojsonError(str(error)) from None
+            stored_tissue = tissue
         else:
-            tissue = segment_tissue(slide, mpp0, settings.tissue)
+            mask = tissue_mask(slide, mpp0, settings.tissue)
+            tissue = mask_to_polygons(mask.mask, mask.downsample)
+            # Traced contours have a vertex per mask pixel edge; within one mask pixel they say no more.
+            stored_tissue = shapely.simplify(tissue, mask.downsample, preserve_topology=True)
         width0, height0 = slide.level_dimensions[0]
         grid = region_grid(
             width0, height0, mpp0, settings.target_mpp, settings.region_size, tissue, settings.min_foreground
@@ -106,6 +141,7 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
                 f"{grid.grid_shape[0]}×{grid.grid_shape[1]} grid, tissue area {tissue.area * mpp0 * mpp0 / 1e6:.3g} mm² {where}"
             )
         level, resize_factor = choose_level(slide.level_downsamples, settings.target_mpp / mpp0)
+        tissue_geojson = tissue_to_geojson(stored_tissue)
         attrs = {
             "source_path": row.path,
             "fingerprint": source_fingerprint,
@@ -117,12 +153,16 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
             "resize_factor": resize_factor,
             "grid_shape": list(grid.grid_shape),
             "step": grid.step,
-            "tissue_geojson": tissue_to_geojson(tissue),
+            "tissue_geojson": tissue_geojson,
             "tissue_source": "manifest" if row.tissue_geojson else "segmentation",
             "label": row.label,
             "split": row.split,
             "case_id": row.case_id,
             "extra": dict(row.extra),
+            "manifest_mpp": row.mpp,
+            "tissue_geojson_sha256": geojson_sha256,
+            "upsampled": bool(upsampled),
+            "pipeline_version": pipeline.__version__,
         }
         regions = iter_regions(slide, grid, level, settings.region_size, resize_factor=resize_factor)
         written = write_slide(
@@ -130,6 +170,8 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
             regions=regions, n_regions=len(grid),
             coords=grid.coords, origin=grid.origin, foreground=grid.foreground,
             attrs=attrs,
+            files={TISSUE_GEOJSON: json.dumps(tissue_geojson, separators=(",", ":")).encode()},
+            build_id=settings.build_id,
         )
     finally:
         slide.close()
@@ -145,6 +187,9 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
         mpp_source=mpp_source,
         grid_shape=grid.grid_shape,
         extra=dict(row.extra),
+        manifest_mpp=row.mpp,
+        tissue_geojson_sha256=geojson_sha256,
+        upsampled=bool(upsampled),
     )
     return SlideResult(
         slide_id=row.slide_id, ok=True, record=record, failure=None,

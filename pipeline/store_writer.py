@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from pipeline.schema.codecs import region_array_kwargs, region_chunk_encoder, re
 from pipeline.schema.commit import SlideTable, commit_group, fsync_file, node_metadata, temp_group_name, write_table
 from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
 from pipeline.schema.format import (
+    ARRAY_NAMES,
     COORDS,
     FOREGROUND,
     ORIGIN,
@@ -38,11 +38,10 @@ from pipeline.schema.format import (
     ROOT_ATTR_KEY,
     SLIDE_TABLE,
     SLIDES_GROUP,
-    TEMP_PREFIX,
     StoreAttrs,
+    slide_id_problem,
 )
 
-SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 REQUIRED_SLIDE_ATTRS = ("source_path", "fingerprint")
 _WRITE_BUFFER = 8 << 20
 _NO_CHUNK = np.uint64(2**64 - 1)
@@ -63,17 +62,16 @@ def create_store(path: str | os.PathLike, attrs: StoreAttrs) -> StoreAttrs:
         attrs = StoreAttrs.from_json({**attrs.to_json(), "created": _dt.datetime.now(_dt.UTC).isoformat()})
     existing = _attrs_or_none(root)
     if existing is not None:
-        if not existing.same_settings(attrs):
+        diff = existing.settings_diff(attrs)
+        if diff:
             raise StoreMismatchError(
-                f"a tile store with different settings already exists at {root} "
-                f"(existing: {_settings_text(existing)}; requested: {_settings_text(attrs)}); "
-                "use another --out path or delete the old store"
+                f"a tile store with different settings already exists at {root}; "
+                f"setting: existing → requested:\n  " + "\n  ".join(diff)
+                + "\nre-run without these options to resume with the store's own settings, "
+                "or use another --out path"
             )
         return existing
-    # A zarr.json without root attributes, or only what this function writes before it, is an
-    # interrupted creation: finish it.
-    if root.exists() and not (root / "zarr.json").exists() and not _creation_leftovers_only(root):
-        raise NotATileStoreError(f"{root} is a non-empty folder that is not a zarr store; refusing to write into it")
+    check_store_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(root / SLIDES_GROUP / "zarr.json", _group_metadata({}))
     if not (root / SLIDE_TABLE).exists():
@@ -82,9 +80,23 @@ def create_store(path: str | os.PathLike, attrs: StoreAttrs) -> StoreAttrs:
     return attrs
 
 
+def check_store_folder(path: str | os.PathLike) -> None:
+    """NotATileStoreError unless `path` is absent, a zarr store, or what an interrupted
+    `create_store` (or a build lock taken before it) leaves: a folder a build may write into."""
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise NotATileStoreError(f"{root} is a file, not a tile store folder")
+    # A zarr.json without root attributes, or only what create_store writes before it, is an
+    # interrupted creation: finish it.
+    if root.exists() and not (root / "zarr.json").exists() and not _creation_leftovers_only(root):
+        raise NotATileStoreError(f"{root} is a non-empty folder that is not a zarr store; refusing to write into it")
+
+
 def _creation_leftovers_only(root: Path) -> bool:
     """True when `root` holds nothing but what `create_store` writes before the root
     attributes (the `slides` group metadata and the empty table, or their files set aside)."""
+    from pipeline.locking import LOCK_FILES
+
     def own(name: str, finals: tuple[str, ...]) -> bool:
         return name in finals or any(name.startswith(f"{final}.tmp-") for final in finals)
 
@@ -92,7 +104,7 @@ def _creation_leftovers_only(root: Path) -> bool:
         if entry.name == SLIDES_GROUP and entry.is_dir():
             if not all(own(child.name, ("zarr.json",)) and child.is_file() for child in entry.iterdir()):
                 return False
-        elif not (entry.is_file() and own(entry.name, (SLIDE_TABLE, "zarr.json"))):
+        elif not (entry.is_file() and (own(entry.name, (SLIDE_TABLE, "zarr.json")) or entry.name in LOCK_FILES)):
             return False
     return True
 
@@ -127,6 +139,8 @@ def write_slide(
     origin: np.ndarray,
     foreground: np.ndarray,
     attrs: dict[str, Any],
+    files: dict[str, bytes] | None = None,
+    build_id: str | None = None,
 ) -> dict[str, Any]:
     """Write and commit one slide group; the slide is never held in memory.
 
@@ -135,16 +149,21 @@ def write_slide(
     coords: `(n, 2)` int (row, col); origin: `(n, 2)` int level-0 (x, y) px;
     foreground: `(n,)` float tissue fraction; attrs: slide group attributes
         (source_path, fingerprint, label, ..., `extra` for the manifest's other columns).
+    files: extra files of the group by name (e.g. `tissue.geojson`), outside the checksums;
+    build_id: commit only while the store's writer (`pipeline.locking`) has this build id,
+        so a task left over from a killed build never commits into a newer build's store.
     Adds `slide_id`, `n_regions`, `checksums` and `checksum` to the attributes.
+    Every file and folder of the group is fsynced before the commit rename.
     Returns `{"checksum": str, "checksums": {array: sha256 hex}}`.
     Raises SlideWriteError (nothing committed) when the stream has the wrong length,
     a region the wrong shape/dtype, or attrs lack source_path/fingerprint.
     """
-    if not SLIDE_ID_PATTERN.match(slide_id) or slide_id in (".", "..") or slide_id.startswith(TEMP_PREFIX):
-        raise SlideWriteError(
-            f"slide id {slide_id!r} is not allowed: use only letters, digits, '.', '_' and '-', "
-            f"not '.' or '..', and not starting with '{TEMP_PREFIX}'"
-        )
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
+        raise SlideWriteError(problem)
+    for name in files or {}:
+        if name in ARRAY_NAMES or name == "zarr.json" or "/" in name or name.startswith("."):
+            raise SlideWriteError(f"slide {slide_id!r}: {name!r} cannot be an extra file of the group")
     missing = [key for key in REQUIRED_SLIDE_ATTRS if key not in attrs]
     if missing:
         raise SlideWriteError(f"slide {slide_id!r}: attrs lack {missing} (the slide table is rebuilt from them)")
@@ -179,7 +198,12 @@ def write_slide(
             **attrs, "slide_id": slide_id, "n_regions": int(n_regions),
             "checksums": checksums, "checksum": checksum,
         }
-        _write_json_atomic(group_dir / "zarr.json", _group_metadata(group_attrs))
+        for name, data in (files or {}).items():
+            _write_bytes_synced(group_dir / name, data)
+        _write_json_atomic(group_dir / "zarr.json", _group_metadata(group_attrs), make_parents=False)
+        fsync_tree(group_dir)
+        if build_id is not None:
+            _check_writer(root, slide_id, build_id)
         commit_group(root, temp, slide_id)
     except BaseException:
         shutil.rmtree(group_dir, ignore_errors=True)
@@ -322,12 +346,54 @@ def _file_blocks(path: Path, block: int = 4 << 20) -> Iterator[bytes]:
             yield data
 
 
+def write_group_metadata(group_dir: Path, attributes: dict[str, Any]) -> None:
+    """Write a group's `zarr.json` (atomically, synced) into the existing folder `group_dir`."""
+    _write_json_atomic(Path(group_dir) / "zarr.json", _group_metadata(attributes), make_parents=False)
+
+
 def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _check_writer(root: Path, slide_id: str, build_id: str) -> None:
+    from pipeline.locking import current_build_id
+
+    current = current_build_id(root)
+    if current != build_id:
+        raise SlideWriteError(
+            f"slide {slide_id!r}: not committed, the build that started this task no longer holds {root} "
+            f"(its writer is now {current or 'none'}); the slide is redone by the current build"
+        )
+
+
+def _write_bytes_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:  # the group folder must exist: never recreate a removed one
+        handle.write(data)
+        fsync_file(handle)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (itself included), files first, so that
+    after a power loss a committed group never holds empty or missing files."""
+    for current, dirs, names in os.walk(folder, topdown=False):
+        for name in names:
+            fd = os.open(os.path.join(current, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(current, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any], *, make_parents: bool = True) -> None:
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} disappeared while it was being written")
     try:  # fast path: plain values, numpy scalars/arrays through `default`
         text = json.dumps(data, allow_nan=False, separators=(",", ":"), default=_json_default)
     except ValueError:  # a non-finite float somewhere: store it as null
@@ -366,11 +432,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _settings_text(attrs: StoreAttrs) -> str:
-    return (
-        f"magnification {attrs.magnification:g}, region size {attrs.region_size}, "
-        f"min foreground {attrs.min_foreground:g}, codec {attrs.codec}, segmentation {attrs.segmentation}"
-    )
-
-
-__all__ = ["SLIDE_ID_PATTERN", "create_store", "read_store_attrs", "write_slide"]
+__all__ = ["check_store_folder", "create_store", "fsync_tree", "read_store_attrs", "write_group_metadata", "write_slide"]

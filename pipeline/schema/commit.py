@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from pipeline.schema.errors import SlideWriteError, TileStoreError
 from pipeline.schema.format import (
+    ARRAY_NAMES,
     FORMAT_VERSION,
     REGIONS,
     SLIDE_TABLE,
@@ -79,8 +80,9 @@ def write_table(store_path: str | os.PathLike, table: SlideTable) -> None:
     root = Path(store_path)
     aside = root / f"{SLIDE_TABLE}.tmp-{uuid.uuid4().hex}"
     try:
+        text = json.dumps(table.to_json(), separators=(",", ":"))  # one write: json.dump's many are slower
         with open(aside, "w", encoding="utf-8") as handle:
-            json.dump(table.to_json(), handle, indent=1)
+            handle.write(text)
             fsync_file(handle)
         os.replace(aside, root / SLIDE_TABLE)
     finally:
@@ -159,6 +161,35 @@ def group_attributes(group_path: str | os.PathLike) -> dict[str, Any]:
     return node_metadata(group_path).get("attributes", {})
 
 
+def group_problem(group_path: str | os.PathLike) -> str | None:
+    """Why a slide group is not complete (an array's metadata missing, the regions data file
+    missing or, raw, of the wrong size), or None; stats files only, reads no data. (The small
+    arrays' chunks may be absent: zarr stores no chunk that equals the fill value.)"""
+    group = Path(group_path)
+    try:
+        attrs = group_attributes(group)
+        if "checksum" not in attrs:
+            return "its attributes have no checksum"
+        for name in ARRAY_NAMES:
+            meta = node_metadata(group / name)
+            shape = meta["shape"]
+            if name != REGIONS or not all(shape):
+                continue
+            chunk = group / name / ("c/" + "/".join("0" * len(shape)))
+            if not chunk.is_file():
+                return f"array {name!r} has no data file"
+            codecs = meta.get("codecs") or []
+            if len(codecs) == 1 and codecs[0].get("name") == "bytes":
+                expected = 1
+                for extent in shape:
+                    expected *= extent
+                if chunk.stat().st_size != expected:
+                    return f"array {name!r} holds {chunk.stat().st_size} bytes, expected {expected}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable metadata ({type(error).__name__}: {error})"
+    return None
+
+
 def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideRecord:
     """Rebuild a slide's table row from its committed group's attributes."""
     attrs = group_attributes(group_path)
@@ -177,6 +208,9 @@ def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideReco
         mpp_source=str(attrs.get("mpp_source", "")),
         grid_shape=tuple(int(v) for v in attrs.get("grid_shape", (0, 0))),
         extra=dict(attrs.get("extra") or {}),
+        manifest_mpp=attrs.get("manifest_mpp"),
+        tissue_geojson_sha256=attrs.get("tissue_geojson_sha256"),
+        upsampled=bool(attrs.get("upsampled", False)),
     )
 
 
@@ -200,8 +234,11 @@ def reconcile(store_path: str | os.PathLike, *, remove_temps: bool = True) -> tu
     - a committed group missing from the table (crash between rename and table update)
       is added, its record rebuilt from the group attributes; one whose checksum differs
       from its table row (a redone slide) is refreshed;
+    - a group that is not complete (`group_problem`: a file missing) is never added, and
+      its table row is dropped;
     - table rows whose group is missing are dropped;
-    - temporary leftovers `slides/.tmp-*` are removed (only while no writer runs).
+    - temporary leftovers `slides/.tmp-*` and `slides.json.tmp-*` are removed (only while
+      no writer runs).
     Rewrites the table only when something changed. Returns (table, report).
     """
     root = Path(store_path)
@@ -218,6 +255,8 @@ def reconcile(store_path: str | os.PathLike, *, remove_temps: bool = True) -> tu
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry.name)
                 continue
+            if group_problem(entry) is not None:
+                continue  # not a complete slide group
             try:
                 record = record_from_group(entry, entry.name)
             except (OSError, ValueError, KeyError):
@@ -228,6 +267,10 @@ def reconcile(store_path: str | os.PathLike, *, remove_temps: bool = True) -> tu
                 table, _ = table.with_slide(record), added.append(entry.name)
             elif known.checksum != record.checksum:
                 table, _ = table.with_slide(record), refreshed.append(entry.name)
+    if remove_temps:
+        for leftover in root.glob(f"{SLIDE_TABLE}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover.name)
     dropped = sorted(set(table.slides) - present)
     table = SlideTable(slides={k: v for k, v in table.slides.items() if k in present}, failures=table.failures)
     report = ReconcileReport(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -19,7 +19,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.storage import FsspecStore, LocalStore
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from pipeline.schema import codecs as _codecs  # registers the jpeg codec for zarr
 from pipeline.schema.checksums import array_checksum, slide_checksum
@@ -89,9 +90,16 @@ class TileStore:
         options = dict(storage_options or {})
         self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
         self._root = self._root.rstrip("/")
-        root_meta = self._read_json("zarr.json", missing=NotATileStoreError(
-            f"{self.url} is not a tile store: it has no zarr.json (wrong path, or creation was interrupted)"
-        ))
+        try:
+            root_meta = self._read_json("zarr.json", missing=NotATileStoreError(
+                f"{self.url} is not a tile store: it has no zarr.json (wrong path, or creation was interrupted)"
+            ))
+        except TileStoreError:
+            raise
+        except Exception as error:  # noqa: BLE001 — network, permission, credentials: say where and what
+            hint = (" (s3:// reads the AWS_* environment variables, AWS_ENDPOINT_URL included, or "
+                    "--storage-options)" if self.url.startswith("s3://") else "")
+            raise TileStoreError(f"cannot read {self.url}: {type(error).__name__}: {error}{hint}") from error
         raw = (root_meta.get("attributes") or {}).get(ROOT_ATTR_KEY)
         if not isinstance(raw, dict):
             raise NotATileStoreError(
@@ -186,15 +194,24 @@ class TileStore:
         ))
         return dict(meta.get("attributes") or {})
 
-    def read_slide(self, slide_id: str) -> SlideArrays:
-        """Arrays of one complete slide; regions stay lazy (memmap or zarr array)."""
+    def read_slide(self, slide_id: str, *, whole: bool | None = None) -> SlideArrays:
+        """Arrays of one complete slide; regions stay lazy (memmap or zarr array).
+
+        whole: fetch a remote slide's regions file in one request and decode from memory
+        (None: yes for remote stores, where zarr would fetch a shard's index and then each
+        region with its own range request); False keeps them lazy on the remote store
+        (e.g. to decode a few regions of a large slide).
+        """
         self._record(slide_id)
         base = f"{SLIDES_GROUP}/{slide_id}"
+        fetched = self._prefetch(base) if not self.is_local and whole is not False else None
         try:
-            small = {name: self._small_array(f"{base}/{name}") for name in (COORDS, ORIGIN, FOREGROUND)}
+            small = {name: self._small_array(f"{base}/{name}", fetched) for name in (COORDS, ORIGIN, FOREGROUND)}
             regions = self._memmap_regions(base) if self.is_local else None
+            if regions is None and fetched is not None:
+                regions = self._fetched_regions(f"{base}/{REGIONS}", fetched)
             if regions is None:
-                regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r")
+                regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r", zarr_format=3)
         except FileNotFoundError as error:
             raise TileStoreError(
                 f"slide {slide_id!r} is in {SLIDE_TABLE} but its arrays are missing from {self.url} ({error})"
@@ -204,11 +221,45 @@ class TileStore:
             foreground=small[FOREGROUND], load_attrs=functools.partial(self.slide_attrs, slide_id),
         )
 
-    def _raw_chunk_layout(self, key: str) -> tuple[np.dtype, tuple[int, ...], str] | None:
+    def _prefetch(self, base: str) -> dict[str, bytes | None]:
+        """Every file a slide read needs (each array's `zarr.json` and its one chunk or shard),
+        fetched in one concurrent batch (fsspec's async `cat` for http/s3): one round trip
+        per slide instead of one per file. Absent files map to None."""
+        ndims = {REGIONS: 4, COORDS: 2, ORIGIN: 2, FOREGROUND: 1}
+        keys = [f"{base}/{name}/{leaf}" for name, ndim in ndims.items()
+                for leaf in ("zarr.json", "c/" + "/".join("0" * ndim))]
+        found = self._fs.cat([self._path(k) for k in keys], on_error="return")
+        return {k: (v if isinstance(v, bytes) else None) for k, v in zip(keys, (found[self._path(k)] for k in keys))}
+
+    def _cached_bytes(self, key: str, fetched: dict[str, bytes | None] | None) -> bytes | None:
+        if fetched is not None and key in fetched:
+            return fetched[key]
+        return self._read_bytes(key)
+
+    def _fetched_regions(self, key: str, fetched: dict[str, bytes | None] | None = None) -> zarr.Array | None:
+        """The regions array decoded from an in-memory copy of its stored files (`zarr.json`
+        and the chunk or shard); None when its layout is not one chunk file."""
+        metadata = self._cached_bytes(f"{key}/zarr.json", fetched)
+        if metadata is None:
+            raise FileNotFoundError(f"{key}/zarr.json")
+        meta = json.loads(metadata)
+        grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
+        shape = meta.get("shape") or []
+        if grid is None or list(grid) != list(shape) or not all(shape):
+            return None  # more than one chunk file (not what this writer makes), or empty
+        chunk_key = "c/" + "/".join("0" * len(shape))
+        data = self._cached_bytes(f"{key}/{chunk_key}", fetched)
+        if data is None:
+            raise FileNotFoundError(f"{key}/{chunk_key}")
+        memory = MemoryStore(store_dict={"zarr.json": _buffer(metadata), chunk_key: _buffer(data)}, read_only=True)
+        return zarr.open_array(memory, mode="r", zarr_format=3)
+
+    def _raw_chunk_layout(self, key: str, fetched: dict[str, bytes | None] | None = None
+                          ) -> tuple[np.dtype, tuple[int, ...], str] | None:
         """(dtype, shape, chunk key) when the array at `key` is exactly one uncompressed chunk
         (bytes codec only, default "/" chunk keys), so its chunk file is the raw C-order
         array; None for any other layout."""
-        meta = json.loads(self._read_bytes(f"{key}/zarr.json") or b"{}")
+        meta = json.loads(self._cached_bytes(f"{key}/zarr.json", fetched) or b"{}")
         shape = tuple(meta.get("shape", ()))
         codecs = meta.get("codecs") or []
         grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
@@ -223,16 +274,16 @@ class TileStore:
         dtype = np.dtype(meta["data_type"]).newbyteorder("<" if little else ">")
         return dtype, shape, f"{key}/c/" + "/".join("0" * len(shape))
 
-    def _small_array(self, key: str) -> np.ndarray:
+    def _small_array(self, key: str, fetched: dict[str, bytes | None] | None = None) -> np.ndarray:
         """A small array (coords, origin, foreground) read as raw bytes when it is one raw chunk:
         one small read instead of zarr's round trips (~0.1 ms instead of ~1 ms an array)."""
-        layout = self._raw_chunk_layout(key)
+        layout = self._raw_chunk_layout(key, fetched)
         if layout is not None:
             dtype, shape, chunk_key = layout
-            data = self._read_bytes(chunk_key)
+            data = self._cached_bytes(chunk_key, fetched)
             if data is not None and len(data) == dtype.itemsize * int(np.prod(shape)):
                 return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-        return zarr.open_array(self._zarr_store, path=key, mode="r")[...]
+        return zarr.open_array(self._zarr_store, path=key, mode="r", zarr_format=3)[...]
 
     def _memmap_regions(self, base: str) -> np.ndarray | None:
         """The raw chunk as `np.memmap` when `regions` is one uncompressed uint8 chunk; else None."""
@@ -253,22 +304,53 @@ class TileStore:
             return None
         return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
 
+    def key_blocks(self, key: str, block: int = 4 << 20) -> tuple[int, Iterator[bytes]] | None:
+        """(size, byte blocks) of one stored key, streamed `block` bytes at a time; None when absent."""
+        path = self._path(key)
+        try:
+            size = int(self._fs.size(path))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+        def blocks() -> Iterator[bytes]:
+            with self._fs.open(path, "rb", block_size=block) as handle:
+                while data := handle.read(block):
+                    yield data
+
+        return size, blocks()
+
+    def array_metadata(self, slide_id: str, name: str) -> dict[str, Any] | None:
+        """The parsed `zarr.json` of one of a slide's arrays, or None when it is missing."""
+        data = self._read_bytes(f"{SLIDES_GROUP}/{slide_id}/{name}/zarr.json")
+        return None if data is None else json.loads(data)
+
+    def stored_array_checksum(self, slide_id: str, name: str, metadata: dict[str, Any] | None = None,
+                              *, on_block: Callable[[int], None] | None = None) -> str:
+        """The content checksum (`pipeline.schema.checksums`) of an array's stored keys, each
+        key streamed in blocks (bounded memory whatever the slide size); on_block(nbytes)
+        is called per block read. ChecksumError when the array's metadata is missing."""
+        key = f"{SLIDES_GROUP}/{slide_id}/{name}"
+        metadata = metadata if metadata is not None else self.array_metadata(slide_id, name)
+        if metadata is None:
+            raise ChecksumError(f"slide {slide_id!r}: array {name!r} is missing")
+
+        def read(sub: str):
+            found = self.key_blocks(f"{key}/{sub}")
+            if found is None or on_block is None:
+                return found
+            size, blocks = found
+            return size, _counted(blocks, on_block)
+
+        return array_checksum(metadata, read)
+
     def verify_slide(self, slide_id: str) -> None:
-        """Recompute the slide's checksums from its stored bytes; ChecksumError on mismatch."""
+        """Recompute the slide's checksums from its stored bytes (streamed); ChecksumError on
+        the first mismatch. `pipeline.verify` checks more (shapes, decoding) and reports all."""
         attrs = self.slide_attrs(slide_id)
         recorded = attrs.get("checksums") or {}
         computed = {}
         for name in ARRAY_NAMES:
-            key = f"{SLIDES_GROUP}/{slide_id}/{name}"
-            meta_bytes = self._read_bytes(f"{key}/zarr.json")
-            if meta_bytes is None:
-                raise ChecksumError(f"slide {slide_id!r}: array {name!r} is missing")
-
-            def read(sub: str, key: str = key):
-                data = self._read_bytes(f"{key}/{sub}")
-                return None if data is None else (len(data), [data])
-
-            computed[name] = array_checksum(json.loads(meta_bytes), read)
+            computed[name] = self.stored_array_checksum(slide_id, name)
             if recorded.get(name) != computed[name]:
                 raise ChecksumError(f"slide {slide_id!r}: array {name!r} does not match its recorded checksum")
         if slide_checksum(computed) != self._record(slide_id).checksum:
@@ -280,6 +362,16 @@ class TileStore:
             f"codec={self.attrs.codec.get('name')!r}, slides={len(self.table.slides)}, "
             f"failures={len(self.table.failures)})"
         )
+
+
+def _buffer(data: bytes):
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def _counted(blocks: Iterable[bytes], on_block: Callable[[int], None]) -> Iterator[bytes]:
+    for block in blocks:
+        on_block(len(block))
+        yield block
 
 
 def open_store(url: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> TileStore:

@@ -135,3 +135,18 @@ def test_commit_without_atomic_exchange_falls_back_to_two_renames(tmp_path, monk
     monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
     commit.commit_group(tmp_path, temp, "a")
     assert os.listdir(slides) == ["a"] and os.listdir(slides / "a") == ["new"]
+
+
+def test_reconcile_removes_table_leftovers_and_never_adds_an_incomplete_group(tmp_path):
+    store = make_store(tmp_path / "s.zarr", slides={"a": 2, "b": 2})
+    leftover = store / "slides.json.tmp-0123abcd"
+    leftover.write_text('{"slides": [')  # a table write interrupted before its rename
+    (store / "slides" / "b" / "regions" / "c" / "0" / "0" / "0" / "0").unlink()  # regions data lost
+    write_example_slide(store, "c", smooth_regions(3))
+    chunk = store / "slides" / "c" / "regions" / "c" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])  # an empty/short file after a power loss
+    table, report = commit.reconcile(store)
+    assert leftover.name in report.removed_temps and not leftover.exists()
+    assert set(table.slides) == {"a"} and report.dropped == ("b",) and report.added == ()
+    assert commit.group_problem(store / "slides" / "c") == "array 'regions' holds 100 bytes, expected 2304"
+    assert commit.group_problem(store / "slides" / "a") is None

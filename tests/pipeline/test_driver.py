@@ -111,8 +111,8 @@ def test_failures_are_recorded_with_specific_reasons(tmp_path, slides, monkeypat
 
     real_load = driver.load_manifest
 
-    def load_then_lose_a_file(path):
-        loaded = real_load(path)
+    def load_then_lose_a_file(path, **options):
+        loaded = real_load(path, **options)
         gone.unlink()  # missing at run time, after validation
         return loaded
 
@@ -213,15 +213,157 @@ def test_existing_scheduler_address(tmp_path, slides):
     _assert_each_complete_once(tmp_path / "st.zarr", {"s0", "s1"})
 
 
-def test_a_second_build_on_the_same_store_is_refused(tmp_path, slides):
-    import fcntl
+def test_a_second_build_on_the_same_store_is_refused_naming_the_first(tmp_path, slides):
+    import socket
 
-    from pipeline.schema.errors import TileStoreError
+    from pipeline.locking import StoreLockedError, build_lock
 
     manifest, out = _manifest(tmp_path, slides[:1]), tmp_path / "st.zarr"
     _build(manifest, out)
-    with open(out / driver.LOCK_FILE, "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as a running build holds it
-        with pytest.raises(TileStoreError, match="another `pm-tiles build` is writing"):
+    with build_lock(out) as first:  # as a running build holds it
+        with pytest.raises(StoreLockedError) as caught:
             _build(manifest, out)
+    message = str(caught.value)
+    assert f"host {socket.gethostname()}, pid {os.getpid()}, started {first.started}" in message
     assert _build(manifest, out).skipped == ("s0",)
+
+
+def test_store_is_created_only_once_the_lock_is_held(tmp_path, slides):
+    from pipeline.locking import StoreLockedError, build_lock
+
+    out = tmp_path / "new.zarr"
+    out.mkdir()
+    with build_lock(out):
+        with pytest.raises(StoreLockedError):
+            _build(_manifest(tmp_path, slides[:1]), out)
+    assert sorted(p.name for p in out.iterdir()) == [".build.lock"]  # nothing created under another's lock
+
+
+def test_changed_manifest_mpp_or_tissue_geojson_retiles_the_slide(tmp_path, slides):
+    import json as _json
+
+    geojson = tmp_path / "t.geojson"
+    square = [[[64, 64], [320, 64], [320, 256], [64, 256], [64, 64]]]
+    geojson.write_text(_json.dumps({"type": "Polygon", "coordinates": square}))
+    manifest, out = tmp_path / "m.csv", tmp_path / "st.zarr"
+    manifest.write_text(f"slide_id,path,mpp,tissue_geojson\ns0,{slides[0][1]},0.5,{geojson}\ns1,{slides[1][1]},,\n")
+    first = _build(manifest, out)
+    assert set(first.written) == {"s0", "s1"}
+    assert read_table(out).slides["s0"].manifest_mpp == 0.5
+    assert _build(manifest, out).written == ()  # unchanged: skipped
+    geojson.write_text(_json.dumps({"type": "Polygon", "coordinates": [[[64, 64], [192, 64], [192, 192], [64, 192], [64, 64]]]}))
+    second = _build(manifest, out)
+    assert second.written == ("s0",)  # the tissue polygons changed: same source, new regions
+    assert open_store(out).read_slide("s0").regions.shape[0] == 4
+    manifest.write_text(manifest.read_text().replace(",0.5,", ",0.4,"))
+    third = _build(manifest, out)
+    assert third.written == ("s0",)  # the mpp override changed: a different grid
+    assert read_table(out).slides["s0"].manifest_mpp == 0.4
+
+
+def test_slides_not_in_the_manifest_are_named_and_pruned(tmp_path, slides):
+    out = tmp_path / "st.zarr"
+    _build(_manifest(tmp_path, slides), out)
+    smaller = _manifest(tmp_path, slides[:1], "small.csv")
+    kept = _build(smaller, out)
+    assert kept.stale == ("s1", "s2") and "2 slide(s) in the store are not in the manifest: s1, s2" in kept.format()
+    assert set(read_table(out).slides) == {"s0", "s1", "s2"}
+    pruned = _build(smaller, out, prune=True)
+    assert pruned.pruned == ("s1", "s2") and pruned.stale == ()
+    _assert_each_complete_once(out, {"s0"})
+
+
+def test_target_finer_than_level_0_is_refused_unless_allowed(tmp_path, slides):
+    manifest = _manifest(tmp_path, slides[:1])
+    refused = _build(manifest, tmp_path / "a.zarr", magnification=40)  # a 20× scan (0.5 µm/px) into a 40× store
+    assert not refused.ok and refused.failures[0].error_type == "UpsamplingError"
+    assert "finer than the slide's level 0 (0.5 µm/px" in refused.failures[0].reason
+    assert "--allow-upsampling" in refused.failures[0].reason
+    allowed = _build(manifest, tmp_path / "b.zarr", magnification=40, allow_upsampling=True)
+    assert allowed.ok and read_table(tmp_path / "b.zarr").slides["s0"].upsampled
+    assert not read_table(_build(manifest, tmp_path / "c.zarr").store_path).slides["s0"].upsampled
+
+
+def test_any_target_mpp(tmp_path, slides):
+    summary = _build(_manifest(tmp_path, slides[:1]), tmp_path / "st.zarr", magnification=None, mpp=0.75)
+    store = open_store(tmp_path / "st.zarr")
+    assert summary.ok and store.attrs.mpp == 0.75 and store.attrs.magnification == pytest.approx(10 / 0.75)
+    assert store.slide_attrs("s0")["step"] == pytest.approx(32 * 0.75 / 0.5)
+
+
+def test_settings_mismatch_names_only_what_differs_and_a_rerun_reuses_the_store(tmp_path, slides):
+    manifest, out = _manifest(tmp_path, slides[:1]), tmp_path / "st.zarr"
+    _build(manifest, out, codec="zstd")
+    with pytest.raises(StoreMismatchError) as caught:
+        _build(manifest, out, magnification=5, codec="zstd")
+    message = str(caught.value)
+    assert "magnification: 10.0 → 5.0" in message and "mpp: 1.0 → 2.0" in message
+    assert "segmentation" not in message and "codec" not in message and len(message) < 400
+    again = driver.build_store(manifest, out, workers=0, progress=False)  # no settings: the store's own
+    assert again.ok and again.skipped == ("s0",)
+    with pytest.raises(ValueError, match="does not exist yet"):
+        driver.build_store(manifest, tmp_path / "new.zarr", workers=0, progress=False)
+
+
+def test_skip_missing_records_absent_files_and_tiles_the_rest(tmp_path, slides):
+    rows = [*slides[:2], ("gone", str(tmp_path / "gone.svs"))]
+    manifest, out = _manifest(tmp_path, rows), tmp_path / "st.zarr"
+    with pytest.raises(ManifestError, match="--skip-missing"):
+        _build(manifest, out)
+    summary = _build(manifest, out, skip_missing=True)
+    assert set(summary.written) == {"s0", "s1"} and [f.slide_id for f in summary.failures] == ["gone"]
+    assert "gone" in read_table(out).failures
+    status = (out / "build_status.csv").read_text().splitlines()
+    assert status[0] == "slide_id,state,n_regions,seconds,reason"
+    assert any(line.startswith("gone,missing,0,") for line in status)
+    assert any(line.startswith(f"s0,written,{EXPECTED_REGIONS},") for line in status)
+    rerun = _build(manifest, out, skip_missing=True)
+    assert set(rerun.skipped) == {"s0", "s1"}
+    assert any(line.startswith(f"s1,skipped,{EXPECTED_REGIONS},") for line in (out / "build_status.csv").read_text().splitlines())
+
+
+def test_slide_group_has_a_qupath_geojson_simplified_polygons_and_the_pipeline_version(tmp_path, slides):
+    import json as _json
+
+    import pipeline
+    from pipeline.slide import open_slide
+    from pipeline.tissue import TissueSettings, mask_to_polygons, tissue_mask
+
+    out = tmp_path / "st.zarr"
+    _build(_manifest(tmp_path, slides[:1]), out)
+    attrs = open_store(out).slide_attrs("s0")
+    assert attrs["pipeline_version"] == pipeline.__version__
+    on_disk = _json.loads((out / "slides" / "s0" / "tissue.geojson").read_text())
+    assert on_disk == attrs["tissue_geojson"] and on_disk["type"] == "FeatureCollection"
+    assert on_disk["features"][0]["properties"]["objectType"] == "annotation"
+    slide = open_slide(slides[0][1])
+    mask = tissue_mask(slide, 0.5, TissueSettings())
+    traced = mask_to_polygons(mask.mask, mask.downsample)
+    stored = sum(len(f["geometry"]["coordinates"][0]) for f in on_disk["features"])
+    assert stored < sum(len(p.exterior.coords) for p in traced.geoms)  # simplified
+    assert stored <= 12  # a rectangle with chamfered corners, not one vertex per mask pixel
+
+
+def test_table_is_written_in_batches_not_per_slide(tmp_path, slides, monkeypatch):
+    from pipeline import table_batch
+
+    writes = []
+    real = table_batch.write_table
+    monkeypatch.setattr(table_batch, "write_table", lambda path, table: (writes.append(len(table.slides)), real(path, table)))
+    out = tmp_path / "st.zarr"
+    summary = _build(_manifest(tmp_path, slides), out, table_batch=driver.TableBatch(every=2, seconds=1e9))
+    assert summary.ok and writes == [2, 3]  # after two slides, then at the end
+    _assert_each_complete_once(out, {"s0", "s1", "s2"})
+
+
+def test_a_failed_redo_leaves_no_old_group_and_reconcile_does_not_bring_it_back(tmp_path, slides):
+    from pipeline.schema.commit import reconcile
+
+    manifest, out = _manifest(tmp_path, slides[:1]), tmp_path / "st.zarr"
+    _build(manifest, out)
+    _slide(tmp_path, "s0", tissue_rects=[])  # opens with another fingerprint: redone, and has no tissue
+    redo = _build(manifest, out)
+    assert [f.slide_id for f in redo.failures] == ["s0"]
+    assert sorted(p.name for p in (out / "slides").iterdir()) == ["zarr.json"]
+    table, report = reconcile(out)
+    assert "s0" not in table.slides and "s0" in table.failures and report.added == ()

@@ -69,13 +69,49 @@ def test_every_bad_row_is_reported_with_its_line(tmp_path):
 def test_ids_that_are_not_store_keys_are_rejected(tmp_path):
     # '.' and '..' match [A-Za-z0-9._-]+ but are path parts (slides/.. is the store root), and
     # '.tmp-…' is the temporary-group namespace that every run's reconcile deletes.
-    _touch(tmp_path / "ok.svs")
+    # 'zarr.json' would be slides/zarr.json, the slides group's own metadata (any case: stores
+    # may sit on case-insensitive file systems).
+    names = ["fine.1", ".", "..", ".tmp-x", "zarr.json", "ZARR.JSON", ".hidden"]
+    for i in range(len(names)):
+        _touch(tmp_path / f"s{i}.svs")
     manifest = tmp_path / "keys.csv"
-    manifest.write_text("slide_id,path\nfine.1,ok.svs\n.,ok.svs\n..,ok.svs\n.tmp-x,ok.svs\n")
+    manifest.write_text("slide_id,path\n" + "".join(f"{n},s{i}.svs\n" for i, n in enumerate(names)))
     with pytest.raises(ManifestError) as caught:
         load_manifest(manifest)
-    assert {line for line, _ in caught.value.problems} == {3, 4, 5}
-    assert "line 5: slide_id '.tmp-x' cannot be a store key" in str(caught.value)
+    assert {line for line, _ in caught.value.problems} == {3, 4, 5, 6, 7, 8}
+    assert "line 5: slide_id '.tmp-x' is a name the store reserves" in str(caught.value)
+    assert "line 6: slide_id 'zarr.json' is a name the store reserves" in str(caught.value)
+
+
+def test_same_file_under_two_ids_is_an_error(tmp_path):
+    _touch(tmp_path / "a.svs")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\na,a.svs\nb,{tmp_path / 'x' / '..' / 'a.svs'}\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    assert caught.value.problems == [(3, f"file {tmp_path / 'a.svs'} is listed twice: as 'b' and as 'a' (line 2)")]
+
+
+def test_case_in_two_splits_is_patient_leakage(tmp_path):
+    for name in "abcd":
+        _touch(tmp_path / f"{name}.svs")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,path,split,case_id\na,a.svs,train,p1\nb,b.svs,train,p1\nc,c.svs,test,p1\nd,d.svs,test,p2\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    assert [line for line, _ in caught.value.problems] == [4]
+    assert "case_id 'p1' is in split 'test' here and in split 'train' on line 2" in str(caught.value)
+    assert "patient leakage" in str(caught.value)
+
+
+def test_skip_missing_returns_rows_whose_file_is_missing(tmp_path):
+    _touch(tmp_path / "a.svs")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,path\na,a.svs\ngone,gone.svs\n")
+    with pytest.raises(ManifestError, match="pass --skip-missing"):
+        load_manifest(manifest)
+    rows = load_manifest(manifest, skip_missing=True)
+    assert [r.slide_id for r in rows] == ["a", "gone"] and not Path(rows[1].path).exists()
 
 
 def test_missing_required_column_and_missing_manifest(tmp_path):
@@ -133,3 +169,29 @@ def test_write_manifest_lists_one_file_per_dicom_folder(tmp_path):
     table = write_manifest(tmp_path)
     assert list(table["slide_id"]) == ["a", "b"]
     assert table["path"][0].endswith("1.dcm")
+
+
+def test_unmatched_labels_warning_shows_ids_and_likely_cause(tmp_path):
+    for name in ("Slide_A", "slide_b", "c"):
+        _touch(tmp_path / "s" / f"{name}.svs")
+    labels = tmp_path / "l.csv"
+    labels.write_text("image,grade,patient\nSlide_A.svs,1,p1\nslide_b.svs,0,p2\nc,1,p3\n")
+    result = CliRunner().invoke(
+        manifest_command, [str(tmp_path / "s"), "--labels", str(labels), "--case-column", "patient"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 of 3 slides have no label" in result.output
+    assert "'Slide_A'" in result.output and "'Slide_A.svs'" in result.output  # an unmatched id and a label id
+    assert "carry file extensions" in result.output
+    table = pd.read_csv(io.StringIO(result.stdout.split("warning:")[0]), dtype=str, keep_default_na=False)
+    assert table.set_index("slide_id").loc["c", "case_id"] == "p3"
+
+
+def test_unmatched_labels_by_letter_case(tmp_path):
+    _touch(tmp_path / "s" / "ABC.svs")
+    _touch(tmp_path / "s" / "d.svs")
+    labels = tmp_path / "l.csv"
+    labels.write_text("image,grade\nabc,1\nd,0\n")
+    table = write_manifest(tmp_path / "s", labels)
+    assert "1 of 2 slides have no label" in table.attrs["label_warning"]
+    assert "letter case differs" in table.attrs["label_warning"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,10 +113,11 @@ def test_bad_inputs_get_specific_errors(tmp_path):
     create_store(store, store_attrs("none"))
     ok = dict(n_regions=1, coords=np.zeros((1, 2), int), origin=np.zeros((1, 2), int), foreground=np.ones(1),
               attrs={"source_path": "x", "fingerprint": "f"})
-    with pytest.raises(SlideWriteError, match="not allowed"):
+    with pytest.raises(SlideWriteError, match="characters outside"):
         write_slide(store, "bad/id", regions=iter(smooth_regions(1)), **ok)
-    for reserved in (".", "..", ".tmp-x"):  # path parts, and the temporary groups' namespace
-        with pytest.raises(SlideWriteError, match="not allowed"):
+    # path parts, the temporary groups' namespace, the slides group's own metadata
+    for reserved in (".", "..", ".tmp-x", "zarr.json", "Zarr.JSON"):
+        with pytest.raises(SlideWriteError, match="reserves"):
             write_slide(store, reserved, regions=iter(smooth_regions(1)), **ok)
     assert sorted(p.name for p in (store / "slides").iterdir()) == ["zarr.json"]
     with pytest.raises(SlideWriteError, match=r"expected \(16, 16, 3\)"):
@@ -202,3 +205,43 @@ def test_creation_killed_before_the_root_attributes_is_finished(tmp_path, monkey
     (other / "slides" / "a.svs").write_bytes(b"x")
     with pytest.raises(NotATileStoreError, match="not a zarr store"):
         create_store(other, store_attrs("none"))
+
+
+def test_every_file_and_folder_of_a_group_is_fsynced_before_the_commit(tmp_path, monkeypatch):
+    import pipeline.store_writer as writer
+
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("zstd"))
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    at_commit: dict[str, set[str]] = {}
+    real_commit = writer.commit_group
+
+    def recording_commit(root, temp, slide_id):
+        group = Path(root) / "slides" / temp
+        at_commit["paths"] = {str(group)} | {str(p) for p in group.rglob("*")}
+        at_commit["synced"] = set(synced)
+        return real_commit(root, temp, slide_id)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(writer, "commit_group", recording_commit)
+    write_example_slide(store, "a", smooth_regions(3))
+    assert at_commit["paths"] and at_commit["paths"] <= at_commit["synced"]  # arrays, zarr.json, folders
+
+
+def test_extra_group_files_are_written_and_checked(tmp_path):
+    store = tmp_path / "s.zarr"
+    create_store(store, store_attrs("none"))
+    n = 2
+    coords = np.zeros((n, 2), int)
+    write_slide(store, "a", regions=iter(smooth_regions(n)), n_regions=n, coords=coords, origin=coords,
+                foreground=np.ones(n), attrs={"source_path": "x", "fingerprint": "f"}, files={"tissue.geojson": b"{}"})
+    assert (store / "slides" / "a" / "tissue.geojson").read_bytes() == b"{}"
+    with pytest.raises(SlideWriteError, match="cannot be an extra file"):
+        write_slide(store, "b", regions=iter(smooth_regions(n)), n_regions=n, coords=coords, origin=coords,
+                    foreground=np.ones(n), attrs={"source_path": "x", "fingerprint": "f"}, files={"regions": b""})
