@@ -30,7 +30,7 @@ from trainer.engine.optim import OptimConfig
 from trainer.objectives.supervised import SupervisedConfig, SupervisedObjective
 
 DEVICES = ("auto", "cpu", "cuda")
-SSM_BACKENDS = ("auto", "torch", "numba", "cuda")
+SSM_BACKENDS = ("auto", "torch", "numba", "cuda", "triton")
 
 
 @click.group()

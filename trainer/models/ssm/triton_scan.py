@@ -14,20 +14,15 @@ Memory. Forward keeps one float32 (d_state,) state per (row, channel, chunk of
 chunk's states from it. dB and dC are accumulated over channels in float32 buffers of
 B's and C's shape.
 
-Devices. CUDA tensors run compiled kernels. CPU tensors run under Triton's interpreter,
-only when ``TRITON_INTERPRET=1`` is set (it is slow: meant for tests). The kernels are
-decorated once per mode, by loading ``triton_kernels`` as a private module with the
-interpreter switched on or off, so one process can use both.
+Devices. CUDA tensors run compiled kernels. CPU tensors run under Triton's interpreter
+(slow: meant for tests), only when ``TRITON_INTERPRET=1`` was set before triton was first
+imported — ``triton.jit`` and Triton's own library functions pick interpreted or compiled
+code when they are decorated, at import.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import threading
-from functools import lru_cache
-from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -36,13 +31,18 @@ from trainer.models.ssm.selective import check_shapes
 
 try:
     import triton
+
+    from trainer.models.ssm import triton_kernels
 except Exception as exc:  # ImportError, or a broken install (missing libraries, ...)
-    triton = None
+    triton = triton_kernels = None
     AVAILABLE = False
     UNAVAILABLE_REASON = f"triton could not be imported ({type(exc).__name__}: {exc})"
 else:
     AVAILABLE = True
     UNAVAILABLE_REASON = ""
+
+INTERPRETED = AVAILABLE and type(triton_kernels.scan_fwd_kernel).__name__ == "InterpretedFunction"
+"""Whether the kernels were decorated under TRITON_INTERPRET=1 (then they run on CPU tensors too)."""
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_CHUNK = 128
@@ -50,13 +50,6 @@ CUDA_CHUNK = 128
 INTERPRETER_CHUNK = 16
 """Tokens per chunk under the interpreter, which runs a scan one element at a time in Python."""
 
-_KERNEL_FILE = Path(__file__).with_name("triton_kernels.py")
-_LOAD_LOCK = threading.Lock()
-
-
-def interpreter_enabled() -> bool:
-    """Whether ``TRITON_INTERPRET=1`` is set now (the opt-in for CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable_reason(device: torch.device | str) -> str:
@@ -64,36 +57,13 @@ def unavailable_reason(device: torch.device | str) -> str:
     if not AVAILABLE:
         return UNAVAILABLE_REASON
     dev = torch.device(device)
-    if dev.type == "cuda":
+    if dev.type == "cuda" or (dev.type == "cpu" and INTERPRETED):
         return ""
     if dev.type == "cpu":
-        if interpreter_enabled():
-            return ""
-        return "it runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
-    return f"it needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {dev}"
-
-
-@lru_cache(maxsize=2)
-def _kernels(interpret: bool) -> ModuleType:
-    """``triton_kernels`` loaded as a private module whose kernels are decorated with the interpreter on or off.
-
-    ``triton.jit`` picks interpreted or compiled functions from TRITON_INTERPRET when it
-    decorates, so the variable is set to the wanted mode while the module executes.
-    """
-    name = f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
-    module = importlib.util.module_from_spec(spec)
-    with _LOAD_LOCK:
-        before = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            if before is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = before
-    return module
+        late = " (it is set now, but triton was imported before)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+        return ("it runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 before triton is "
+                f"first imported{late} (slow; for tests)")
+    return f"it needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {dev}"
 
 
 def _kernel_dtype(t: Tensor | None) -> Tensor | None:
@@ -128,7 +98,7 @@ def _chunk(L: int, device: torch.device, chunk: int | None) -> int:
         chunk = CUDA_CHUNK if device.type == "cuda" else INTERPRETER_CHUNK
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two ≥ 2 tokens, got {chunk}")
-    return min(chunk, max(2, triton.next_power_of_2(L)))
+    return min(chunk, max(2, 1 << (L - 1).bit_length()))  # no wider than L rounded up to a power of two
 
 
 def _launch_options(chunk: int, device: torch.device) -> dict:
@@ -145,8 +115,7 @@ class _TritonScan(torch.autograd.Function):
         out = torch.empty_like(u)
         last = torch.empty(batch, d_inner, d_state, dtype=torch.float32, device=u.device)
         states = torch.empty(batch, d_inner, n_chunks, d_state, dtype=torch.float32, device=u.device) if save else last
-        kernels = _kernels(u.device.type != "cuda")
-        kernels.scan_fwd_kernel[(batch, d_inner)](
+        triton_kernels.scan_fwd_kernel[(batch, d_inner)](
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
             u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx,
             out, last, states,
@@ -175,8 +144,7 @@ class _TritonScan(torch.autograd.Function):
         dA = torch.empty(batch, d_inner, d_state, **f32)
         dD = torch.empty(batch, d_inner, **f32) if D is not None else None
         dbias = torch.empty(batch, d_inner, **f32) if delta_bias is not None else None
-        kernels = _kernels(u.device.type != "cuda")
-        kernels.scan_bwd_kernel[(batch, d_inner)](
+        triton_kernels.scan_bwd_kernel[(batch, d_inner)](
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
             u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx, states,
             gout, states if glast is None else glast.float().contiguous(),
@@ -211,11 +179,11 @@ def selective_scan(
     Differentiable in every floating input.
     """
     check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    seq = check_seq_idx(seq_idx, u)
+    size = _chunk(u.shape[-1], u.device, chunk)
     reason = unavailable_reason(u.device)
     if reason:
         raise RuntimeError(f"the triton selective scan cannot run: {reason}")
-    seq = check_seq_idx(seq_idx, u)
-    size = _chunk(u.shape[-1], u.device, chunk)
     args = [_kernel_dtype(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
     y, last = _TritonScan.apply(*args, seq, bool(delta_softplus), size)
     y = y.to(u.dtype)

@@ -1,0 +1,89 @@
+"""The triton selective-scan backend: its kernel cases under Triton's interpreter, run in a fresh
+process, and the backend's rules (availability, the auto choice, input errors) here.
+
+Triton's interpreter works only when TRITON_INTERPRET=1 is set before triton is first imported
+(triton.jit and Triton's own library functions choose interpreted code when they are decorated),
+and in this process triton was imported, compiled-mode, with ``trainer.models.ssm``. So the kernel
+cases (``triton_interpreter_cases.py``) run in a child pytest with the variable set, and no other
+test file sees a changed environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.models import ssm
+from trainer.models.ssm import BackendUnavailableError, cuda_scan, resolve_backend, triton_scan
+
+pytestmark = pytest.mark.skipif(not triton_scan.AVAILABLE, reason=f"triton is not importable here: {triton_scan.UNAVAILABLE_REASON}")
+
+CASES = Path(__file__).with_name("triton_interpreter_cases.py")
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_kernel_cases_pass_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(CASES)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=580,
+    )
+    report = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, report
+    assert " passed" in report and "skipped" not in report, report
+
+
+def small_inputs(L: int = 5) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "u": torch.randn(1, 2, L, generator=g),
+        "delta": torch.randn(1, 2, L, generator=g),
+        "A": -torch.rand(2, 3, generator=g) - 0.1,
+        "B": torch.randn(1, 3, L, generator=g),
+        "C": torch.randn(1, 3, L, generator=g),
+    }
+
+
+def test_bad_seq_idx_and_chunk_are_named():
+    x = small_inputs()
+    with pytest.raises(ValueError, match=r"seq_idx must be \(batch=1, L=5\)"):
+        triton_scan.selective_scan(**x, seq_idx=torch.zeros(1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="integer tensor"):
+        triton_scan.selective_scan(**x, seq_idx=torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="power of two"):
+        triton_scan.selective_scan(**x, chunk=12)
+
+
+def test_cpu_tensors_need_the_interpreter_from_import_on(monkeypatch):
+    assert "triton" in ssm.BACKENDS
+    assert resolve_backend("triton", "cuda") == "triton"
+    if triton_scan.INTERPRETED:
+        pytest.skip("this process imported triton under TRITON_INTERPRET=1")
+    with pytest.raises(BackendUnavailableError, match="'triton' is unavailable: .*TRITON_INTERPRET=1 before triton is first imported"):
+        resolve_backend("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # too late for this process: said so
+    with pytest.raises(RuntimeError, match="it is set now, but triton was imported before"):
+        triton_scan.selective_scan(**small_inputs())
+    assert resolve_backend("auto", "cpu") in ("numba", "torch")  # CPU choice unchanged
+
+
+def test_missing_triton_is_named(monkeypatch):
+    monkeypatch.setattr(triton_scan, "AVAILABLE", False)
+    monkeypatch.setattr(triton_scan, "UNAVAILABLE_REASON", "triton could not be imported (ImportError: x)")
+    with pytest.raises(BackendUnavailableError, match="triton could not be imported.*pip install triton"):
+        resolve_backend("triton", "cuda")
+
+
+def test_auto_on_cuda_prefers_mamba_ssm_unless_packed(monkeypatch):
+    monkeypatch.setattr(cuda_scan, "AVAILABLE", True)
+    assert resolve_backend("auto", "cuda") == "cuda"
+    assert resolve_backend("auto", "cuda", packed=True) == "triton"
+    monkeypatch.setattr(cuda_scan, "AVAILABLE", False)
+    assert resolve_backend("auto", "cuda") == "triton"
+    monkeypatch.setattr(triton_scan, "AVAILABLE", False)
+    assert resolve_backend("auto", "cuda") == "torch"
