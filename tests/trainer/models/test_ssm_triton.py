@@ -87,3 +87,35 @@ def test_auto_on_cuda_prefers_mamba_ssm_unless_packed(monkeypatch):
     assert resolve_backend("auto", "cuda") == "triton"
     monkeypatch.setattr(triton_scan, "AVAILABLE", False)
     assert resolve_backend("auto", "cuda") == "torch"
+
+
+INT_ARGS = {"L", "d_inner", "d_state", "n_chunks"}
+INPUT_PTRS = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "gout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+
+
+@pytest.mark.parametrize("kernel", ["scan_fwd_kernel", "scan_bwd_kernel"])
+@pytest.mark.parametrize("options, dtype", [(True, "bf16"), (False, "fp32")], ids=["all-options-bf16", "bare-fp32"])
+def test_kernels_compile_for_a_gpu_without_one(kernel, options, dtype):
+    """The compiled (not interpreted) kernels, built ahead of time for sm_90 down to a cubin on this CPU
+    machine: catches what the interpreter lets through (types across loop iterations, static branches, ...)."""
+    if triton_scan.INTERPRETED:
+        pytest.skip("this process imported triton under TRITON_INTERPRET=1: no compiled kernels")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"this triton has no ahead-of-time compile API ({exc})")
+    fn = getattr(triton_scan.triton_kernels, kernel)
+    flags = {"HAS_D": options, "HAS_Z": options, "HAS_BIAS": options, "HAS_SEQ": options, "SOFTPLUS": options,
+             "BLOCK_T": triton_scan.CUDA_CHUNK, "BLOCK_N": 16}
+    flags["SAVE_STATES" if kernel == "scan_fwd_kernel" else "HAS_GLAST"] = True
+    signature = {
+        name: "constexpr" if name in flags else "i32" if name in INT_ARGS else "*i32" if name == "seq_ptr"
+        else f"*{dtype}" if name in INPUT_PTRS else "*fp32"
+        for name in fn.arg_names
+    }
+    options_ = triton_scan.launch_options(triton_scan.CUDA_CHUNK, torch.device("cuda"))
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=flags), target=GPUTarget("cuda", 90, 32), options=options_)
+    assert compiled.asm.get("cubin"), "no cubin was produced"
+    assert f".entry {kernel}" in compiled.asm["ptx"]
