@@ -258,3 +258,12 @@ def test_mamba_block_runs_with_the_triton_backend():
 def test_cpu_tensors_resolve_to_triton_under_the_interpreter():
     assert resolve_backend("triton", "cpu") == "triton"
     assert resolve_backend("auto", "cpu") in ("numba", "torch")  # auto never picks the interpreter
+
+
+def test_an_empty_batch_returns_empty_results_and_gradients():
+    x = {k: v.float()[:0] if v.dim() == 3 else v.float() for k, v in inputs(L=5).items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+    y, last = triton_fn(**leaves, delta_softplus=True)
+    assert y.shape == (0, 2, 5) and last.shape == (0, 2, 3)
+    y.sum().backward()
+    assert leaves["u"].grad.shape == (0, 2, 5) and leaves["A"].grad.abs().sum() == 0

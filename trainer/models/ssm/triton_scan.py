@@ -12,7 +12,7 @@ taken as 0, with no gradient), so the row scans exactly like separate calls per 
 Memory. Forward keeps one float32 (d_state,) state per (row, channel, chunk of
 ``chunk`` tokens): batch·d_inner·⌈L/chunk⌉·d_state floats; backward recomputes each
 chunk's states from it. dB and dC are accumulated over channels in float32 buffers of
-B's and C's shape.
+B's and C's shape, by atomic adds (so on a GPU they are not bitwise reproducible run to run).
 
 Devices. CUDA tensors run compiled kernels. CPU tensors run under Triton's interpreter
 (slow: meant for tests), only when ``TRITON_INTERPRET=1`` was set before triton was first
@@ -187,6 +187,11 @@ def selective_scan(
     reason = unavailable_reason(u.device)
     if reason:
         raise RuntimeError(f"the triton selective scan cannot run: {reason}")
+    if u.shape[0] == 0 or u.shape[1] == 0:  # nothing to scan: no kernel launch on an empty grid
+        from trainer.models.ssm import torch_scan
+        from trainer.models.ssm.selective import selective_scan as scan_with
+
+        return scan_with(torch_scan.scan_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     args = [_kernel_dtype(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
     y, last = _TritonScan.apply(*args, seq, bool(delta_softplus), size)
     y = y.to(u.dtype)
