@@ -298,6 +298,9 @@ def section_model(plan: Plan, rec: Recorder, guard: Guard) -> None:
         for ckpt in (False, True):
             row0 = {"model": plan.model, "backend": backend, "checkpoint": ckpt, "region_fusion": True,
                     "bf16_autocast": plan.autocast}
+            if not guard.fits(5.0):
+                rec.add("model", {**row0, "status": "skipped (time guard)"})
+                continue
             try:
                 torch.manual_seed(0)
                 layers = len(get_config(plan.model).layers) if ckpt else 0
