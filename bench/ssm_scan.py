@@ -10,6 +10,9 @@ pixel_mamba_6m — L = 50,177 at d_inner 6 (one 224 region at pixel level) and
 L = 6,272 at d_inner 384 (eight regions at 8×8-pixel tokens) — d_state 16,
 batch 1, delta_softplus with bias, D and z, as the Mamba block calls it.
 A state update is one (token, channel, state) step: L·d_inner·d_state of them.
+
+``triton`` runs where CUDA is available, on CUDA tensors (times synchronised, peak memory
+from torch.cuda.max_memory_allocated instead of RSS); elsewhere its rows say "needs CUDA".
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from dataclasses import asdict, dataclass
 
 SHAPES = ((50_177, 6), (6_272, 384))
 D_STATE = 16
-IMPLS = ("naive", "torch", "numba")
+IMPLS = ("naive", "torch", "numba", "triton")
+GPU_IMPLS = ("triton",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +88,19 @@ def worker(impl: str, L: int, d: int) -> Row:
 
     from trainer.models.ssm import selective_scan_fn
 
+    cuda = impl in GPU_IMPLS
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_mib() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mib()
+
+    def inputs(L_: int):
+        x_ = _inputs(L_, d, D_STATE)
+        return {k: v.cuda() for k, v in x_.items()} if cuda else x_
+
     def call(x):
         if impl == "naive":
             return naive_scan(**x)
@@ -91,32 +108,37 @@ def worker(impl: str, L: int, d: int) -> Row:
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        call(_inputs(min(L, 64), d, D_STATE))  # numba: compile or load its cache
+        call(inputs(min(L, 64)))  # numba: compile or load its cache; triton: compile
     if impl != "naive":
-        small = {k: v.requires_grad_(True) for k, v in _inputs(min(L, 64), d, D_STATE).items()}
+        small = {k: v.requires_grad_(True) for k, v in inputs(min(L, 64)).items()}
         call(small).sum().backward()
+    sync()
     first_call = time.perf_counter() - t0
 
-    x = _inputs(L, d, D_STATE)
-    base = _maxrss_mib()
+    x = inputs(L)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = peak_mib()
     with torch.no_grad():
         t0, c0 = time.perf_counter(), time.process_time()
         call(x)
+        sync()
         fwd, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_fwd = _maxrss_mib() - base
+    peak_fwd = peak_mib() - base
     fwdbwd = peak_fwdbwd = fwdbwd_cpu = None
     if impl != "naive":
         leaves = {k: v.requires_grad_(True) for k, v in x.items()}
         t0, c0 = time.perf_counter(), time.process_time()
         call(leaves).sum().backward()
+        sync()
         fwdbwd, fwdbwd_cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak_fwdbwd = _maxrss_mib() - base
+        peak_fwdbwd = peak_mib() - base
     return Row(impl=impl, L=L, d_inner=d, d_state=D_STATE, fwd_s=fwd, fwdbwd_s=fwdbwd,
                fwd_cpu_s=fwd_cpu, fwdbwd_cpu_s=fwdbwd_cpu, first_call_s=first_call,
                peak_fwd_mib=peak_fwd, peak_fwdbwd_mib=peak_fwdbwd, threads=torch.get_num_threads())
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], needs_cuda: list[tuple[str, int, int]] = ()) -> str:
     naive = {(r.L, r.d_inner): r.fwd_s for r in rows if r.impl == "naive"}
     head = ("| L | d_inner | backend | fwd CPU s | fwd+bwd CPU s | fwd s | fwd tok/s | fwd Gupd/s | ×naive fwd | fwd+bwd s | fwd+bwd tok/s "
             "| fwd+bwd Gupd/s | fwd+bwd / naive fwd | peak ΔRSS fwd MiB | peak ΔRSS fwd+bwd MiB |")
@@ -133,7 +155,15 @@ def table(rows: list[Row]) -> str:
             + (f"{fb:.3f} | {r.L / fb:,.0f} | {upd / fb / 1e9:.3f} | {(fb / ref) if ref else float('nan'):.2f} | " if fb else "– | – | – | – | ")
             + f"{r.peak_fwd_mib:.1f} | " + (f"{r.peak_fwdbwd_mib:.1f} |" if r.peak_fwdbwd_mib is not None else "– |")
         )
+    for impl, L, d in needs_cuda:
+        lines.append(f"| {L:,} | {d} | {impl} | needs CUDA |" + " – |" * (head.count("|") - 5))
     return "\n".join(lines)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,15 +183,19 @@ def main(argv: list[str] | None = None) -> None:
             numba.set_num_threads(args.threads)
         print(json.dumps(asdict(worker(impl, int(L), int(d)))))
         return
-    rows = []
+    rows, needs_cuda = [], []
+    cuda = _cuda_available() if any(i in GPU_IMPLS for i in args.impl) else False
     for L, d in SHAPES:
         for impl in args.impl:
+            if impl in GPU_IMPLS and not cuda:
+                needs_cuda.append((impl, L, d))
+                continue
             cmd = [sys.executable, __file__, "--worker", impl, str(L), str(d), "--threads", str(args.threads)]
             out = subprocess.run(cmd,
                                  check=True, capture_output=True, text=True)
             rows.append(Row(**json.loads(out.stdout.strip().splitlines()[-1])))
             print(f"done: {impl} L={L} d_inner={d}: fwd {rows[-1].fwd_s:.3f} s", file=sys.stderr, flush=True)
-    print(table(rows))
+    print(table(rows, needs_cuda))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

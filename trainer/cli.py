@@ -37,7 +37,7 @@ from trainer.launch import (
 from trainer.objectives import OBJECTIVES
 
 DEVICES = ("auto", "cpu", "cuda")
-SSM_BACKENDS = ("auto", "torch", "numba", "cuda")
+SSM_BACKENDS = ("auto", "torch", "numba", "cuda", "triton")
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 __all__ = ["augment_configs", "main", "resolve_device", "run_objective"]

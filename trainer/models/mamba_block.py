@@ -108,8 +108,8 @@ class _Direction(nn.Module):
         """x, z: (B, d_inner, L) float32; seq_idx: (B, L) int32 or None → y: (B, d_inner, L) float32 (gated by silu(z))."""
         weight = self.conv1d.weight.squeeze(1).float()
         # The "cuda" scan backend uses causal-conv1d only if present (it is optional beside
-        # mamba-ssm): "auto" picks it on CUDA when it imports, F.conv1d otherwise.
-        conv_backend = "auto" if backend == "cuda" else backend
+        # mamba-ssm): "auto" picks it on CUDA when it imports, F.conv1d otherwise; so does "triton".
+        conv_backend = "auto" if backend in ("cuda", "triton") else backend
         x = causal_conv1d(x, weight, self.conv1d.bias.float(), activation="silu", seq_idx=seq_idx, backend=conv_backend)
         # x_proj applied as three matmuls on the channels-first x: each result is already the
         # contiguous (B, ·, L) layout the scan takes, and no (B, L, dt_rank + 2N) tensor is kept.

@@ -249,13 +249,14 @@ def test_cuda_backend_really_unavailable_here_names_the_reason():
 
 
 def test_resolve_backend_choices(monkeypatch):
-    assert BACKENDS == ("auto", "torch", "numba", "cuda")
+    assert BACKENDS == ("auto", "torch", "numba", "cuda", "triton")
     assert resolve_backend("torch", "cpu") == "torch"
-    with pytest.raises(ValueError, match="unknown selective-scan backend 'triton'"):
-        resolve_backend("triton", "cpu")
+    with pytest.raises(ValueError, match="unknown selective-scan backend 'mamba'"):
+        resolve_backend("mamba", "cpu")
     expected_cpu = "numba" if numba_scan.AVAILABLE else "torch"
     assert resolve_backend("auto", "cpu") == expected_cpu
-    assert resolve_backend("auto", torch.device("cuda")) == ("cuda" if cuda_scan.AVAILABLE else "torch")
+    on_gpu = "cuda" if cuda_scan.AVAILABLE else "triton" if ssm.triton_scan.AVAILABLE else "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == on_gpu
     monkeypatch.setattr(numba_scan, "AVAILABLE", False)
     monkeypatch.setattr(numba_scan, "UNAVAILABLE_REASON", "numba could not be imported (ImportError: x)")
     ssm._numba_self_check.cache_clear()

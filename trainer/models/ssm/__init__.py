@@ -11,8 +11,11 @@ Backends (``BACKENDS``):
   - ``torch``: pure PyTorch, chunked parallel scan with recompute-in-backward (any device);
   - ``numba``: fused native CPU loop, forward and backward (CPU tensors, needs numba);
   - ``cuda``:  mamba-ssm's fused kernel (CUDA tensors, needs the mamba-ssm build);
-  - ``auto``:  cuda on GPU when mamba-ssm imports, else numba on CPU when it imports
-    and passes a small self-check against ``torch``, else torch.
+  - ``triton``: fused Triton kernels, with ``seq_idx`` packing (CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1; needs triton);
+  - ``auto``:  on GPU cuda when mamba-ssm imports and no packing is asked for, else
+    triton when it imports; on CPU numba when it imports and passes a small self-check
+    against ``torch``; else torch.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from trainer.models.ssm import cuda_scan, numba_scan, torch_scan
+from trainer.models.ssm import cuda_scan, numba_scan, torch_scan, triton_scan
 from trainer.models.ssm.conv import causal_conv1d
 from trainer.models.ssm.selective import selective_scan
 
-BACKENDS = ("auto", "torch", "numba", "cuda")
+BACKENDS = ("auto", "torch", "numba", "cuda", "triton")
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "causal_conv1d", "resolve_backend", "selective_scan_fn", "supports_seq_idx",
@@ -60,8 +63,9 @@ def _numba_self_check() -> str:
     return ""
 
 
-def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
-    """The concrete backend ("torch", "numba" or "cuda") that ``backend`` means for tensors on ``device``.
+def resolve_backend(backend: str = "auto", device: torch.device | str | None = None, *, packed: bool = False) -> str:
+    """The concrete backend ("torch", "numba", "cuda" or "triton") that ``backend`` means for tensors on
+    ``device``; ``packed``: the call passes ``seq_idx`` (mamba-ssm cannot reset its state inside a row).
 
     Raises ValueError for an unknown name and BackendUnavailableError when a
     forced backend cannot run here (the message says why).
@@ -70,8 +74,10 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {BACKENDS}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if backend == "auto":
-        if dev.type == "cuda" and cuda_scan.AVAILABLE:
+        if dev.type == "cuda" and cuda_scan.AVAILABLE and not packed:
             return "cuda"
+        if dev.type == "cuda" and triton_scan.AVAILABLE:
+            return "triton"
         if dev.type == "cpu" and _numba_self_check() == "":
             return "numba"
         return "torch"
@@ -84,6 +90,11 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
             )
         if dev.type != "cuda":
             raise BackendUnavailableError(f"selective-scan backend 'cuda' needs CUDA tensors, got device {dev}")
+    if backend == "triton" and triton_scan.unavailable_reason(dev):
+        raise BackendUnavailableError(
+            f"selective-scan backend 'triton' is unavailable: {triton_scan.unavailable_reason(dev)}"
+            + (" (pip install triton, on Linux x86_64)" if not triton_scan.AVAILABLE else "")
+        )
     if backend == "numba":
         if not numba_scan.AVAILABLE:
             raise BackendUnavailableError(f"selective-scan backend 'numba' is unavailable: {numba_scan.UNAVAILABLE_REASON}")
@@ -98,7 +109,7 @@ NO_SEQ_IDX_BACKENDS = frozenset({"cuda"})
 
 def supports_seq_idx(backend: str = "auto", device: torch.device | str | None = None) -> bool:
     """Whether ``selective_scan_fn(..., seq_idx=..., backend=backend)`` runs for tensors on ``device``."""
-    return resolve_backend(backend, device) not in NO_SEQ_IDX_BACKENDS
+    return resolve_backend(backend, device, packed=True) not in NO_SEQ_IDX_BACKENDS
 
 
 def selective_scan_fn(
@@ -130,12 +141,16 @@ def selective_scan_fn(
     last_state (batch, d_inner, d_state) float32 when ``return_last_state``.
     Raises BackendUnavailableError when seq_idx is given to a backend without packing (``cuda``).
     """
-    name = resolve_backend(backend, u.device)
+    name = resolve_backend(backend, u.device, packed=seq_idx is not None)
     if seq_idx is not None and name in NO_SEQ_IDX_BACKENDS:
         raise BackendUnavailableError(
             f"selective-scan backend {name!r} (mamba-ssm) cannot reset its state inside a sequence, so it "
             "does not take seq_idx; run the packed sequences as separate calls (or batch equal lengths), "
             "or choose a backend that packs (supports_seq_idx)."
+        )
+    if name == "triton":
+        return triton_scan.selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, seq_idx=seq_idx
         )
     if name == "cuda":
         return cuda_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
