@@ -145,7 +145,7 @@ def test_bad_seq_idx_is_refused(seq_idx, match) -> None:
 
 
 def test_cuda_backend_refuses_seq_idx(monkeypatch) -> None:
-    monkeypatch.setattr(ssm, "resolve_backend", lambda backend, device=None: "cuda")
+    monkeypatch.setattr(ssm, "resolve_backend", lambda backend, device=None, packed=False: "cuda")
     assert not supports_seq_idx("cuda")
     with pytest.raises(BackendUnavailableError, match="cannot reset its state"):
         selective_scan_fn(**_scan_inputs(8, batch=1), seq_idx=torch.zeros(1, 8, dtype=torch.int32), backend="cuda")
