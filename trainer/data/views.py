@@ -228,11 +228,28 @@ def crop_view(
     """
     if kind not in ("global", "local"):
         raise ValueError(f"view kind must be 'global' or 'local', got {kind!r}")
+    coords = _check_coords(coords)
+    return _crop(coords, _occupancy_table(coords), kind=kind, config=config, generator=generator)
+
+
+def _check_coords(coords: Tensor) -> Tensor:
     coords = torch.as_tensor(coords).long().cpu()
     if coords.dim() != 2 or coords.shape[1] != 2 or coords.shape[0] < 1:
         raise ValueError(f"coords must have shape (n >= 1, 2), got {tuple(coords.shape)}")
+    return coords
+
+
+def _crop(
+    coords: Tensor,
+    table_box: tuple[Tensor, tuple[int, int, int, int]],
+    *,
+    kind: str,
+    config: ViewConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, tuple[int, int, int, int], str, int]:
+    """`crop_view` with the slide's summed-area table computed once for all its views."""
     n = coords.shape[0]
-    table, box = _occupancy_table(coords)
+    table, box = table_box
     scale = config.global_scale if kind == "global" else config.local_scale
     relaxed = config.global_scale if kind == "global" else config.relaxed_local_scale
     for path, window_scale in (("direct", scale), ("relaxed", relaxed)):
@@ -296,11 +313,12 @@ def make_views(coords: Tensor, *, config: ViewConfig, generator: torch.Generator
     Per view, in this order: crop draws, two flip draws, colour draws — all from
     `generator`, so the views are a function of the generator's seed.
     """
-    coords = torch.as_tensor(coords).long().cpu()
+    coords = _check_coords(coords)
+    table_box = _occupancy_table(coords)
     views = []
     for position in range(config.num_views):
         kind = "global" if position < config.global_views else "local"
-        indices, window, path, trials = crop_view(coords, kind=kind, config=config, generator=generator)
+        indices, window, path, trials = _crop(coords, table_box, kind=kind, config=config, generator=generator)
         flips = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
         hflip, vflip = flips[0] < config.hflip, flips[1] < config.vflip
         indices, view_coords = flip_view(indices, coords, window, hflip=hflip, vflip=vflip)

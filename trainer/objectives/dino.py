@@ -246,7 +246,8 @@ class DinoObjective(Objective):
             segments = torch.cat(
                 [torch.full((len(x),), v, dtype=torch.long, device=x.device) for v, x in enumerate(inputs)]
             )
-            outputs = encoder(torch.cat(list(inputs)), segments=segments, generator=list(generators))
+            per_view = None if all(g is None for g in generators) else list(generators)
+            outputs = encoder(torch.cat(list(inputs)), segments=segments, generator=per_view)
         else:
             outputs = [encoder(x, generator=g) for x, g in zip(inputs, generators)]
         return torch.stack([out.embedding for out in outputs])
