@@ -70,6 +70,8 @@ class DinoConfig:
     monitor_window: slides per RankMe / mean-cosine window of training slide embeddings.
     collapse_cosine, collapse_rankme: warn when a window's mean cosine is above / RankMe below these.
     val_seed: seed of the validation views (per slide: val_seed + index).
+    eval_regions: validate on at most this many regions per slide (evenly spaced in grid
+        order, the same every time; 0 = all) — a CPU-demo cap like supervised's.
     """
 
     out_dim: int = 65536
@@ -90,6 +92,7 @@ class DinoConfig:
     collapse_cosine: float = 0.95
     collapse_rankme: float = 1.5
     val_seed: int = 12345
+    eval_regions: int = 0
     views: ViewConfig = field(default_factory=ViewConfig)
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class DinoConfig:
             if unknown:
                 raise ValueError(f"unknown [dino.views] key(s) {unknown}; valid: {sorted(known)}")
             object.__setattr__(self, "views", ViewConfig(**self.views))
+        if self.eval_regions < 0:
+            raise ValueError(f"eval_regions must be >= 0 (0 = all), got {self.eval_regions}")
         for name in ("out_dim", "hidden_dim", "bottleneck_dim", "monitor_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -347,6 +352,11 @@ class DinoObjective(Objective):
         """DINO loss on views drawn with a fixed generator (val_seed + index), at the final teacher
         temperature, and the teacher's embedding of the whole slide."""
         index = int(sample.get("index", 0))
+        limit = self.config.eval_regions
+        if limit and sample["regions"].shape[0] > limit:
+            keep = torch.linspace(0, sample["regions"].shape[0] - 1, limit).round().long().unique()
+            sample = {**sample, "regions": sample["regions"][keep.to(sample["regions"].device)],
+                      "coords": sample["coords"][keep.to(sample["coords"].device)]}  # fmt: skip
         views = make_views(
             sample["coords"].cpu(), config=self.config.views,
             generator=torch.Generator().manual_seed(self.config.val_seed + index),

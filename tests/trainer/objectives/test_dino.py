@@ -338,3 +338,31 @@ def test_tiny_run_trains_and_resumes_exactly(tmp_path, tiny_store):
     end_resumed = load_checkpoint(resumed.last_checkpoint)
     for key in ("model", "objective"):
         assert all(torch.allclose(end_full[key][k], end_resumed[key][k], atol=1e-6) for k in end_full[key])
+
+
+@pytest.mark.parametrize("name", ["dino_panda5x", "dino_tcga2.5x", "dino_demo_cpu"])
+def test_recipes_build_their_configs(name):
+    from pathlib import Path
+
+    from trainer.engine.config import load_recipe, section
+
+    recipe = load_recipe(Path(__file__).resolve().parents[3] / "configs" / f"{name}.toml")
+    assert recipe["objective"] == "dino"
+    config = section(recipe, "dino", DinoConfig)
+    optim = section(recipe, "optim", OptimConfig)
+    loop = section(recipe, "loop", LoopConfig)
+    assert config.views.global_views == 2 and optim.weight_decay == 0.04 and optim.weight_decay_end == 0.4
+    assert (config.teacher_temp, config.teacher_temp_final) == (0.04, 0.07) and not loop.clip_grad
+    if name != "dino_demo_cpu":
+        assert (config.out_dim, config.views.local_views, loop.epochs, optim.lr, optim.min_lr) == (65536, 6, 200, 5e-4, 1e-6)
+        assert optim.warmup_epochs == 10 and loop.accum_steps * 16 == 256 and config.teacher_temp_epochs == 30
+
+
+def test_eval_regions_caps_validation_slides():
+    capped = make_objective(eval_regions=4).eval()
+    sample = make_sample(rows=4, cols=5)
+    with torch.no_grad():
+        record = capped.validation_step(sample, device=torch.device("cpu"))
+        subset = {**sample, "regions": sample["regions"][[0, 6, 13, 19]], "coords": sample["coords"][[0, 6, 13, 19]]}
+        direct = make_objective(eval_regions=0).eval().validation_step(subset, device=torch.device("cpu"))
+    assert record["loss"] == pytest.approx(direct["loss"]) and record["embedding"] == pytest.approx(direct["embedding"])
