@@ -8,7 +8,8 @@ out of 10) over kornia's RandAugment ops (`kornia.augmentation.auto.RandAugment`
 its default policy with timm's ±45 % translation) → random erasing (p 0.25,
 `kornia.augmentation.RandomErasing`, area 2–33 %, aspect 0.3–3.3). Eval: resize the
 shorter side to R / 0.875 (bicubic), centre crop R. Optional Mixup (α 0.8) / CutMix
-(α 1.0) of two images with a label-smoothed (0.1) soft target.
+(α 1.0) of two images with a label-smoothed (0.1) soft target (kornia's
+`RandomMixUpV2` / `RandomCutMixV2` with the pair fixed).
 
 Every random draw comes from the `np.random.Generator` passed in: kornia samples from
 torch's global RNG, so each kornia call runs inside `torch.random.fork_rng` seeded from
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from kornia.augmentation import RandomErasing
+from kornia.augmentation import RandomCutMixV2, RandomErasing, RandomMixUpV2
 from kornia.augmentation.auto import RandAugment
 from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
 from PIL import Image
@@ -271,38 +272,43 @@ def mix_pair(
     config: MixConfig,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mix two (H, W, 3) uint8 images: Mixup (blend, λ ~ Beta(α_mix)) or CutMix (paste a box
-    of `second`, λ ~ Beta(α_cut), corrected to the pasted area), CutMix with `switch_prob`.
+    """Mix two (H, W, 3) uint8 images with kornia: Mixup (`RandomMixUpV2`, blend weight
+    λ ~ Beta(α_mix) of `first`, drawn from `rng` since kornia's own λ is uniform) or CutMix
+    (`RandomCutMixV2`, box from Beta(α_cut), λ = the area left to `first`), CutMix with
+    `switch_prob`. kornia pairs images by a random permutation; the pair is fixed here
+    (`first` takes from `second`), and its box draws run under a torch RNG seeded from `rng`.
 
     Returns the mixed image (H, W, 3) uint8 and the soft target (num_classes,) float32
     λ·smooth(first_label) + (1 − λ)·smooth(second_label), which sums to 1.
     """
     if first.shape != second.shape:
         raise ValueError(f"cannot mix images of shapes {first.shape} and {second.shape}")
-    lam = 1.0
+    taken = 0.0  # 1 − λ: the share of `second`
     image = first
     if rng.random() < config.prob:
         use_cutmix = config.cutmix_alpha > 0 and (config.mixup_alpha <= 0 or rng.random() < config.switch_prob)
-        if use_cutmix:
-            image, lam = _cutmix(first, second, float(rng.beta(config.cutmix_alpha, config.cutmix_alpha)), rng)
-        elif config.mixup_alpha > 0:
-            lam = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
-            blended = lam * first.astype(np.float32) + (1.0 - lam) * second.astype(np.float32)
-            image = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    target = lam * smooth_one_hot(first_label, num_classes, config.label_smoothing) + (1.0 - lam) * smooth_one_hot(
+        if use_cutmix or config.mixup_alpha > 0:
+            lam = 1.0 if use_cutmix else float(rng.beta(config.mixup_alpha, config.mixup_alpha))
+            batch = torch.cat([_to_tensor(first), _to_tensor(second)])
+            labels = torch.tensor([0, 1])
+            seed = _kornia_seed(rng)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if use_cutmix:
+                    mixer = RandomCutMixV2(beta=config.cutmix_alpha, p=1.0, data_keys=["input", "class"])
+                    params = mixer.forward_parameters(batch.shape)
+                    params["mix_pairs"] = torch.tensor([[1, 0]])
+                    mixed, mixed_labels = mixer(batch, labels, params=params)
+                    taken = float(mixed_labels[0, 0, 2])
+                else:
+                    mixer = RandomMixUpV2(p=1.0, data_keys=["input", "class"])
+                    params = mixer.forward_parameters(batch.shape)
+                    params["mixup_pairs"] = torch.tensor([1, 0])
+                    params["mixup_lambdas"] = torch.full((2,), 1.0 - lam)
+                    mixed, _ = mixer(batch, labels, params=params)
+                    taken = 1.0 - lam
+            image = _to_pixels(mixed[:1])
+    target = (1.0 - taken) * smooth_one_hot(first_label, num_classes, config.label_smoothing) + taken * smooth_one_hot(
         second_label, num_classes, config.label_smoothing
     )
     return image, target.astype(np.float32)
-
-
-def _cutmix(first: np.ndarray, second: np.ndarray, lam: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """Paste a box of area ≈ (1 − lam) of `second` into `first`; return it and the true λ."""
-    height, width = first.shape[:2]
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
-    cy, cx = int(rng.integers(height)), int(rng.integers(width))
-    top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
-    left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-    out = first.copy()
-    out[top:bottom, left:right] = second[top:bottom, left:right]
-    return out, 1.0 - float((bottom - top) * (right - left)) / (height * width)

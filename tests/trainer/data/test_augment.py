@@ -138,3 +138,17 @@ def test_configs_accept_recipe_values_and_reject_bad_ones():
         MixConfig(mixup_alpha=-1)
     with pytest.raises(ValueError, match="RandAugment prob"):
         RandAugmentConfig(prob=2)
+
+
+def test_mixing_ignores_and_keeps_the_global_rng():
+    first = np.zeros((24, 24, 3), np.uint8)
+    second = np.full((24, 24, 3), 120, np.uint8)
+    for config in (MixConfig(mixup_alpha=0.0), MixConfig(cutmix_alpha=0.0)):
+        torch.manual_seed(1)
+        a = mix_pair(first, second, 0, 1, 2, config, np.random.default_rng(9))
+        torch.manual_seed(2)
+        state = torch.get_rng_state()
+        b = mix_pair(first, second, 0, 1, 2, config, np.random.default_rng(9))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        assert not np.array_equal(a[0], first)  # the pair is always (first ← second), never an image with itself
