@@ -182,7 +182,8 @@ def _occupancy_table(coords: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]
     bottom, right = (int(v) for v in coords.max(dim=0).values)
     height, width = bottom - top + 1, right - left + 1
     grid = torch.zeros((height, width), dtype=torch.int64)
-    grid.index_put_((coords[:, 0] - top, coords[:, 1] - left), torch.ones(len(coords), dtype=torch.int64), accumulate=True)
+    ones = torch.ones(len(coords), dtype=torch.int64)
+    grid.index_put_((coords[:, 0] - top, coords[:, 1] - left), ones, accumulate=True)
     table = torch.zeros((height + 1, width + 1), dtype=torch.int64)
     table[1:, 1:] = grid.cumsum(0).cumsum(1)
     return table, (top, left, height, width)

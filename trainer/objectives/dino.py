@@ -266,7 +266,8 @@ class DinoObjective(Objective):
             )
         global_views = self.config.views.global_views
         if len(views) < 2 or [v.kind for v in views[:global_views]] != ["global"] * global_views:
-            raise ValueError(f"expected {global_views} global views first and >= 2 views, got {[v.kind for v in views]}")
+            kinds = [v.kind for v in views]
+            raise ValueError(f"expected {global_views} global views first and >= 2 views, got {kinds}")
         return list(views)
 
     def _losses(
@@ -290,12 +291,13 @@ class DinoObjective(Objective):
         if "teacher_temp" not in step_ctx.values:
             raise KeyError("step_ctx.values lacks 'teacher_temp': the engine passes the objective's schedules")
         views = self._views(sample)
-        loss, teacher, embedding = self._losses(sample, views, step_ctx.generator, float(step_ctx.values["teacher_temp"]))
+        teacher_temp = float(step_ctx.values["teacher_temp"])
+        loss, teacher, embedding = self._losses(sample, views, step_ctx.generator, teacher_temp)
         batch_sum = teacher.sum(dim=0)
         self._centre_sum = batch_sum if self._centre_sum is None else self._centre_sum + batch_sum
         self._centre_count += teacher.shape[0]
         self._window.append(embedding.cpu())
-        q = F.softmax((teacher - self.centre) / float(step_ctx.values["teacher_temp"]), dim=-1)
+        q = F.softmax((teacher - self.centre) / teacher_temp, dim=-1)
         entropy = -(q * q.clamp_min(1e-12).log()).sum(dim=-1).mean()
         out = {
             "loss": loss,

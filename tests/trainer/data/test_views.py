@@ -145,7 +145,8 @@ def test_fallback_returns_every_region():
 def views_equal(a: list[View], b: list[View]) -> bool:
     return all(
         torch.equal(x.indices, y.indices) and torch.equal(x.coords, y.coords)
-        and (x.window, x.hflip, x.vflip, x.path, x.trials, x.colour) == (y.window, y.hflip, y.vflip, y.path, y.trials, y.colour)
+        and (x.window, x.hflip, x.vflip, x.path, x.trials, x.colour)
+        == (y.window, y.hflip, y.vflip, y.path, y.trials, y.colour)
         for x, y in zip(a, b, strict=True)
     )  # fmt: skip
 

@@ -111,7 +111,8 @@ def direct_dino_loss(student, teacher, centre, student_temp, teacher_temp):
 
 def test_loss_matches_a_direct_implementation():
     g = torch.Generator().manual_seed(0)
-    student, teacher, centre = torch.randn(6, 30, generator=g), torch.randn(2, 30, generator=g), torch.randn(30, generator=g)
+    student, teacher = torch.randn(6, 30, generator=g), torch.randn(2, 30, generator=g)
+    centre = torch.randn(30, generator=g)
     for temp in (0.04, 0.07):
         got = dino_loss(student, teacher, centre, student_temp=0.1, teacher_temp=temp)
         assert float(got) == pytest.approx(direct_dino_loss(student, teacher, centre, 0.1, temp), rel=1e-5)
@@ -354,7 +355,8 @@ def test_recipes_build_their_configs(name):
     assert config.views.global_views == 2 and optim.weight_decay == 0.04 and optim.weight_decay_end == 0.4
     assert (config.teacher_temp, config.teacher_temp_final) == (0.04, 0.07) and not loop.clip_grad
     if name != "dino_demo_cpu":
-        assert (config.out_dim, config.views.local_views, loop.epochs, optim.lr, optim.min_lr) == (65536, 6, 200, 5e-4, 1e-6)
+        assert (config.out_dim, config.views.local_views, loop.epochs) == (65536, 6, 200)
+        assert (optim.lr, optim.min_lr) == (5e-4, 1e-6)
         assert optim.warmup_epochs == 10 and loop.accum_steps * 16 == 256 and config.teacher_temp_epochs == 30
 
 
