@@ -1,31 +1,48 @@
-"""DeiT-style image augmentation on PIL images and uint8 arrays, without torchvision.
+"""DeiT-style image augmentation on PIL images and uint8 arrays (torchvision/timm cannot be
+imported with this project's CPU torch, so the maintained ops come from kornia).
 
-Train: RandomResizedCrop(R, scale (0.08, 1), ratio (3/4, 4/3), bicubic) →
-horizontal flip (p 0.5) → RandAugment "rand-m9-mstd0.5-inc1" (2 ops, magnitude
-9 ± N(0, 0.5) out of 10, each op applied with p 0.5, the "increasing" op
-variants) → random erasing (p 0.25, per-pixel noise). Eval: resize the shorter
-side to R / 0.875 (bicubic), centre crop R. Optional Mixup (α 0.8) / CutMix
-(α 1.0) of two images with a label-smoothed (0.1) soft target.
+Train: RandomResizedCrop(R, scale (0.08, 1), ratio (3/4, 4/3), bicubic; PIL) →
+horizontal flip (p 0.5) → RandAugment "rand-m9-mstd0.5-inc1" with timm's sampling
+(2 ops drawn with replacement, each applied with p 0.5, magnitude 9 ± N(0, 0.5)
+out of 10) over kornia's RandAugment ops (`kornia.augmentation.auto.RandAugment`,
+its default policy with timm's ±45 % translation) → random erasing (p 0.25,
+`kornia.augmentation.RandomErasing`, area 2–33 %, aspect 0.3–3.3). Eval: resize the
+shorter side to R / 0.875 (bicubic), centre crop R. Optional Mixup (α 0.8) / CutMix
+(α 1.0) of two images with a label-smoothed (0.1) soft target (kornia's
+`RandomMixUpV2` / `RandomCutMixV2` with the pair fixed).
 
-Every random draw comes from the `np.random.Generator` passed in, so a sample's
-augmentation is a function of that generator's seed.
+Every random draw comes from the `np.random.Generator` passed in: kornia samples from
+torch's global RNG, so each kornia call runs inside `torch.random.fork_rng` seeded from
+that generator, and a sample's augmentation stays a function of its (seed, epoch,
+index) whatever the worker and the global RNG state.
+
+Differences from timm's implementation, all kornia's op definitions: geometric ops fill
+with black (timm: the mean colour); the enhance ops (colour, contrast, brightness,
+sharpness) map the magnitude onto factors 0.1 → 1.9 rather than 1 ± 0.9·m; erasing
+fills with one grey value rather than per-pixel noise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+import torch
+from kornia.augmentation import RandomCutMixV2, RandomErasing, RandomMixUpV2
+from kornia.augmentation.auto import RandAugment
+from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
+from PIL import Image
 
 BICUBIC = Image.Resampling.BICUBIC
 # ImageNet mean / std in pixel units: the fill colour of geometric ops and the
 # distribution of erasing noise (N(0, 1) after normalisation).
-IMAGENET_MEAN_PX = (124, 116, 104)
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255.0
-IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255.0
+ERASE_VALUE = 0.449  # mean of the ImageNet channel means, on [0, 1]
+# kornia's default RandAugment candidates with timm's translation range (±45 % of the size)
+RAND_AUGMENT_POLICY = [
+    [(name, -0.45, 0.45)] if name in ("translate_x", "translate_y") else [(name, low, high)]
+    for [(name, low, high)] in default_policy
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,63 +171,47 @@ def resize_centre_crop(image: Image.Image, size: int, crop_fraction: float = 0.8
     return image.crop((left, top, left + size, top + size))
 
 
-# --- RandAugment ops: (image, strength ∈ [0, 1], rng) → image -----------------
+# --- RandAugment and random erasing: kornia, seeded from the sample's generator -------
 
 
-def _signed(strength: float, rng: np.random.Generator) -> float:
-    return strength if rng.random() < 0.5 else -strength
+def _kornia_seed(rng: np.random.Generator) -> int:
+    """A torch seed drawn from the sample's generator (kornia samples from torch's global RNG)."""
+    return int(rng.integers(0, 2**63 - 1))
 
 
-def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
-    return image.transform(image.size, Image.Transform.AFFINE, matrix, BICUBIC, fillcolor=IMAGENET_MEAN_PX)
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 → (1, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255.0
 
 
-def _solarize_add(image: Image.Image, add: int, threshold: int = 128) -> Image.Image:
-    pixels = np.asarray(image, dtype=np.int16)
-    shifted = np.where(pixels < threshold, np.minimum(pixels + add, 255), pixels)
-    return Image.fromarray(shifted.astype(np.uint8))
+def _to_pixels(image: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) float in [0, 1] → (H, W, 3) uint8 (a new, C-contiguous array)."""
+    return np.ascontiguousarray((image[0].clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def _enhance(kind: type) -> Callable[[Image.Image, float, np.random.Generator], Image.Image]:
-    def op(image: Image.Image, s: float, rng: np.random.Generator) -> Image.Image:
-        return kind(image).enhance(1.0 + _signed(0.9 * s, rng))
-
-    return op
-
-
-RAND_AUGMENT_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator], Image.Image]] = {
-    "AutoContrast": lambda im, s, rng: ImageOps.autocontrast(im),
-    "Equalize": lambda im, s, rng: ImageOps.equalize(im),
-    "Invert": lambda im, s, rng: ImageOps.invert(im),
-    "Rotate": lambda im, s, rng: im.rotate(_signed(30.0 * s, rng), BICUBIC, fillcolor=IMAGENET_MEAN_PX),
-    "Posterize": lambda im, s, rng: ImageOps.posterize(im, max(1, 4 - int(4 * s))),
-    "Solarize": lambda im, s, rng: ImageOps.solarize(im, 256 - int(256 * s)),
-    "SolarizeAdd": lambda im, s, rng: _solarize_add(im, int(110 * s)),
-    "Color": _enhance(ImageEnhance.Color),
-    "Contrast": _enhance(ImageEnhance.Contrast),
-    "Brightness": _enhance(ImageEnhance.Brightness),
-    "Sharpness": _enhance(ImageEnhance.Sharpness),
-    "ShearX": lambda im, s, rng: _affine(im, (1, _signed(0.3 * s, rng), 0, 0, 1, 0)),
-    "ShearY": lambda im, s, rng: _affine(im, (1, 0, 0, _signed(0.3 * s, rng), 1, 0)),
-    "TranslateX": lambda im, s, rng: _affine(im, (1, 0, _signed(0.45 * s, rng) * im.size[0], 0, 1, 0)),
-    "TranslateY": lambda im, s, rng: _affine(im, (1, 0, 0, 0, 1, _signed(0.45 * s, rng) * im.size[1])),
-}
-
-
-def rand_augment(image: Image.Image, config: RandAugmentConfig, rng: np.random.Generator) -> Image.Image:
-    """`config.num_ops` ops drawn uniformly (with replacement), each applied with `config.prob`."""
-    names = list(RAND_AUGMENT_OPS)
+def _rand_augment_tensor(image: torch.Tensor, config: RandAugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+    """timm's sampling around kornia's RandAugment ops: `num_ops` draws with replacement (one
+    kornia `RandAugment(n=1)` each), each applied with `prob`, magnitude + N(0, std) clipped to
+    [0, max], mapped to kornia's (0, 30) scale. Call inside a torch RNG seeded for the sample."""
     for _ in range(config.num_ops):
-        name = names[int(rng.integers(len(names)))]
         if rng.random() >= config.prob:
             continue
         magnitude = config.magnitude + (rng.normal(0.0, config.magnitude_std) if config.magnitude_std > 0 else 0.0)
         strength = float(np.clip(magnitude, 0.0, config.max_magnitude)) / config.max_magnitude
-        image = RAND_AUGMENT_OPS[name](image, strength, rng)
+        m = float(np.clip(30.0 * strength, 1e-3, 30.0 - 1e-3))  # kornia wants m in (0, 30)
+        image = RandAugment(n=1, m=m, policy=RAND_AUGMENT_POLICY)(image).clamp(0.0, 1.0)
     return image
 
 
-# --- uint8 array ops ----------------------------------------------------------
+def rand_augment(pixels: np.ndarray, config: RandAugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """RandAugment of an (H, W, 3) uint8 image (kornia's ops, timm's sampling); a new array.
+
+    All randomness comes from `rng` (kornia's draws run under a torch RNG seeded from it).
+    """
+    seed = _kornia_seed(rng)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _to_pixels(_rand_augment_tensor(_to_tensor(pixels), config, rng))
 
 
 def random_erase(
@@ -221,28 +222,17 @@ def random_erase(
     area: tuple[float, float] = (0.02, 1 / 3),
     ratio: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> np.ndarray:
-    """With probability `prob`, fill one random rectangle of `pixels` (H, W, 3) uint8 with
-    per-pixel noise (ImageNet mean ± std per channel, i.e. N(0, 1) once normalised).
-
-    Area fraction ∈ `area`, aspect log-uniform in `ratio`, up to 10 tries. Returns a new array.
-    """
+    """With probability `prob` (drawn from `rng`), kornia's `RandomErasing` of one rectangle of
+    `pixels` (H, W, 3) uint8: area fraction ∈ `area`, aspect ∈ `ratio`, filled with the ImageNet
+    mean grey (`ERASE_VALUE`; timm fills with per-pixel noise, kornia with one value).
+    Returns `pixels` itself when nothing is erased, else a new array."""
     if rng.random() >= prob:
         return pixels
-    height, width = pixels.shape[:2]
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = height * width * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        h = int(round(math.sqrt(target * aspect)))
-        w = int(round(math.sqrt(target / aspect)))
-        if 0 < h < height and 0 < w < width:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            noise = rng.normal(IMAGENET_MEAN, IMAGENET_STD, size=(h, w, 3))
-            out = pixels.copy()
-            out[top : top + h, left : left + w] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
-            return out
-    return pixels
+    seed = _kornia_seed(rng)
+    eraser = RandomErasing(scale=area, ratio=ratio, value=ERASE_VALUE, p=1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _to_pixels(eraser(_to_tensor(pixels)))
 
 
 def train_transform(image: Image.Image, size: int, config: TrainAugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -250,9 +240,9 @@ def train_transform(image: Image.Image, size: int, config: TrainAugmentConfig, r
     image = random_resized_crop(image.convert("RGB"), size, rng, scale=config.scale, ratio=config.ratio)
     if rng.random() < config.hflip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if config.rand_augment is not None:
-        image = rand_augment(image, config.rand_augment, rng)
     pixels = np.array(image, dtype=np.uint8)  # a writable copy: PIL's buffer view is read-only
+    if config.rand_augment is not None:
+        pixels = rand_augment(pixels, config.rand_augment, rng)
     if config.erase_prob > 0:
         pixels = random_erase(pixels, rng, prob=config.erase_prob, area=config.erase_area, ratio=config.erase_ratio)
     return pixels
@@ -282,38 +272,43 @@ def mix_pair(
     config: MixConfig,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mix two (H, W, 3) uint8 images: Mixup (blend, λ ~ Beta(α_mix)) or CutMix (paste a box
-    of `second`, λ ~ Beta(α_cut), corrected to the pasted area), CutMix with `switch_prob`.
+    """Mix two (H, W, 3) uint8 images with kornia: Mixup (`RandomMixUpV2`, blend weight
+    λ ~ Beta(α_mix) of `first`, drawn from `rng` since kornia's own λ is uniform) or CutMix
+    (`RandomCutMixV2`, box from Beta(α_cut), λ = the area left to `first`), CutMix with
+    `switch_prob`. kornia pairs images by a random permutation; the pair is fixed here
+    (`first` takes from `second`), and its box draws run under a torch RNG seeded from `rng`.
 
     Returns the mixed image (H, W, 3) uint8 and the soft target (num_classes,) float32
     λ·smooth(first_label) + (1 − λ)·smooth(second_label), which sums to 1.
     """
     if first.shape != second.shape:
         raise ValueError(f"cannot mix images of shapes {first.shape} and {second.shape}")
-    lam = 1.0
+    taken = 0.0  # 1 − λ: the share of `second`
     image = first
     if rng.random() < config.prob:
         use_cutmix = config.cutmix_alpha > 0 and (config.mixup_alpha <= 0 or rng.random() < config.switch_prob)
-        if use_cutmix:
-            image, lam = _cutmix(first, second, float(rng.beta(config.cutmix_alpha, config.cutmix_alpha)), rng)
-        elif config.mixup_alpha > 0:
-            lam = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
-            blended = lam * first.astype(np.float32) + (1.0 - lam) * second.astype(np.float32)
-            image = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    target = lam * smooth_one_hot(first_label, num_classes, config.label_smoothing) + (1.0 - lam) * smooth_one_hot(
+        if use_cutmix or config.mixup_alpha > 0:
+            lam = 1.0 if use_cutmix else float(rng.beta(config.mixup_alpha, config.mixup_alpha))
+            batch = torch.cat([_to_tensor(first), _to_tensor(second)])
+            labels = torch.tensor([0, 1])
+            seed = _kornia_seed(rng)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if use_cutmix:
+                    mixer = RandomCutMixV2(beta=config.cutmix_alpha, p=1.0, data_keys=["input", "class"])
+                    params = mixer.forward_parameters(batch.shape)
+                    params["mix_pairs"] = torch.tensor([[1, 0]])
+                    mixed, mixed_labels = mixer(batch, labels, params=params)
+                    taken = float(mixed_labels[0, 0, 2])
+                else:
+                    mixer = RandomMixUpV2(p=1.0, data_keys=["input", "class"])
+                    params = mixer.forward_parameters(batch.shape)
+                    params["mixup_pairs"] = torch.tensor([1, 0])
+                    params["mixup_lambdas"] = torch.full((2,), 1.0 - lam)
+                    mixed, _ = mixer(batch, labels, params=params)
+                    taken = 1.0 - lam
+            image = _to_pixels(mixed[:1])
+    target = (1.0 - taken) * smooth_one_hot(first_label, num_classes, config.label_smoothing) + taken * smooth_one_hot(
         second_label, num_classes, config.label_smoothing
     )
     return image, target.astype(np.float32)
-
-
-def _cutmix(first: np.ndarray, second: np.ndarray, lam: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """Paste a box of area ≈ (1 − lam) of `second` into `first`; return it and the true λ."""
-    height, width = first.shape[:2]
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
-    cy, cx = int(rng.integers(height)), int(rng.integers(width))
-    top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
-    left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-    out = first.copy()
-    out[top:bottom, left:right] = second[top:bottom, left:right]
-    return out, 1.0 - float((bottom - top) * (right - left)) / (height * width)

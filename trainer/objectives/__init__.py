@@ -68,7 +68,19 @@ def _latentmim_spec() -> ObjectiveSpec:
     )
 
 
+def _dino_spec() -> ObjectiveSpec:
+    from trainer.objectives.dino import DinoConfig, DinoObjective
+
+    return ObjectiveSpec(
+        name="dino",
+        config_cls=DinoConfig,
+        build=lambda encoder, config, context: DinoObjective(encoder, config=config),
+        summary="DINO self-distillation over 2 global + N local slide views (EMA teacher; RankMe monitor).",
+    )
+
+
 OBJECTIVES: dict[str, Callable[[], ObjectiveSpec]] = {
     "supervised": _supervised_spec,
     "latentmim": _latentmim_spec,
+    "dino": _dino_spec,
 }

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.engine.schedules import CosineSchedule
+from trainer.schedules import CosineSchedule
 from trainer.eval.metrics import mean_pairwise_cosine, rankme
 from trainer.models.positions import token_positions
 from trainer.objectives.base import HookContext, Objective, StepContext, TrainingPlan, make_teacher
