@@ -37,10 +37,14 @@ def check_ema_pairs(pairs: Iterable[tuple[nn.Module, nn.Module]], optimised: set
             raise EMAPairError(f"EMA pair {i}: teacher and student tensors differ by name ({only})")
         for (name, a), (_, b) in zip(t, s):
             if a.shape != b.shape:
-                raise EMAPairError(f"EMA pair {i}: {name} is {tuple(a.shape)} in the teacher, {tuple(b.shape)} in the student")
+                raise EMAPairError(
+                    f"EMA pair {i}: {name} is {tuple(a.shape)} in the teacher, {tuple(b.shape)} in the student"
+                )
         wants_grad = [n for n, p in teacher.named_parameters() if p.requires_grad]
         if wants_grad:
-            raise EMAPairError(f"EMA pair {i}: teacher parameters require gradients ({wants_grad[:3]}); build it with make_teacher")
+            raise EMAPairError(
+                f"EMA pair {i}: teacher parameters require gradients ({wants_grad[:3]}); build it with make_teacher"
+            )
         if any(id(p) in optimised for p in teacher.parameters()):
             raise EMAPairError(f"EMA pair {i}: teacher parameters are in the optimizer")
 

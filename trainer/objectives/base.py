@@ -6,7 +6,8 @@ centres. The engine (trainer.engine.loop) drives every objective the same way:
 
     in the DataLoader workers, per sample (trainer.engine.feed):
         g = generator(seed, epoch, position, rank, STREAM_PREPARE)
-        sample = region cap (--precrop-regions, drawn from g), then objective.sample_preparer()(sample, g)
+        sample = region cap (--precrop-regions, drawn from g)
+        sample = objective.sample_preparer()(sample, g)
     per micro-step:
         ctx = StepContext(step=s, epoch=e, position=p, micro_step=j, accum_steps=k,
                           values={"lr": ..., "weight_decay": ..., **objective schedules at s},
@@ -17,7 +18,8 @@ centres. The engine (trainer.engine.loop) drives every objective the same way:
     after the group's last micro-step (all ranks exchange status, then average gradients):
         objective.on_before_optimizer_step(hook_ctx)   # grads unscaled; e.g. freeze DINO's last layer in epoch 0
         clip, optimizer.step()                         # hook_ctx.skipped: fp16 overflow skipped it
-        EMA: teacher = m·teacher + (1−m)·student for objective.ema_pairs(), m = values["ema_momentum"] (not if skipped)
+        EMA (unless skipped): teacher = m·teacher + (1−m)·student over objective.ema_pairs(),
+                              m = values["ema_momentum"]
         objective.on_after_step(hook_ctx)              # e.g. DINO's centre update (hook_ctx.all_reduce_sum)
         log objective.drain_messages()
     at each epoch's end (eval mode, no grad, every rank on its shard; samples prepared too):

@@ -285,23 +285,6 @@ def test_packed_views_equal_separate_views(fusion):
         assert torch.allclose(dict(packed.named_parameters())[name].grad, grad, atol=1e-5), name
 
 
-class PreparedFeed:
-    """Test-only stand-in for the engine's feed with preparers: each sample is prepared with
-    the generator of (seed, epoch, position, rank, STREAM_PREPARE), as the contract says."""
-
-    def __init__(self, feed: SlideFeed, prepare, seed: int = 0) -> None:
-        self.feed, self.prepare, self.seed = feed, prepare, seed
-
-    def __len__(self) -> int:
-        return len(self.feed)
-
-    def iterate(self, epoch: int, start_index: int = 0) -> Iterable[dict]:
-        for offset, sample in enumerate(self.feed.iterate(epoch, start_index)):
-            state = np.random.SeedSequence([self.seed, epoch, start_index + offset, 0, STREAM_PREPARE])
-            g = torch.Generator().manual_seed(int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
-            yield self.prepare(sample, g)
-
-
 def make_trainer(out_dir, store, **loop) -> Trainer:
     torch.manual_seed(0)
     encoder = build_model("pixel_mamba_tiny", region_size=8, ssm_backend="torch")
@@ -310,7 +293,7 @@ def make_trainer(out_dir, store, **loop) -> Trainer:
     settings = dict(epochs=2, accum_steps=2, tensorboard=False, progress=False, seed=0, amp="none") | loop
     return Trainer(
         objective,
-        train=PreparedFeed(SlideFeed(dataset, seed=0), objective.sample_preparer()),
+        train=SlideFeed(dataset, seed=0),  # the engine hands it the objective's preparer
         val=None,
         optim_config=OptimConfig(lr=5e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.04, weight_decay_end=0.4),
         loop_config=LoopConfig(**settings),
