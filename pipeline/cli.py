@@ -56,10 +56,16 @@ def main() -> None:
 @click.option("--min-foreground", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Least tissue fraction of a kept region.")
 @click.option("--region-size", default=224, show_default=True, type=click.IntRange(min=1), help="Region side R in px at the target magnification.")
 @click.option("--pen-filter/--no-pen-filter", default=False, show_default=True, help="Drop blue/green/black marker ink from the tissue mask.")
+@click.option("--reader", default="auto", show_default=True, type=click.Choice(["auto", "direct", "openslide"]),
+              help="Slide reader: direct = tifffile + libjpeg-turbo for SVS/TIFF/OME-TIFF; openslide = any OpenSlide format; "
+                   "auto = direct where it applies, else OpenSlide (recorded per slide; not a store setting).")
+@click.option("--scaled-decode/--exact-decode", default=False, show_default=True,
+              help="Decode JPEG tiles at 1/2–1/8 inside libjpeg when the level is ≥ 2× finer than needed: faster, "
+                   "NOT exact (a store setting).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_clean_errors
 def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
-          region_size, pen_filter, progress) -> None:
+          region_size, pen_filter, reader, scaled_decode, progress) -> None:
     """Tile every slide of MANIFEST into the store OUT (resumes; exit status 1 when any slide
     failed, 2 when bad input stopped the build before any work)."""
     from pipeline.driver import build_store
@@ -77,7 +83,7 @@ def build(manifest, magnification, out, workers, scheduler, codec, jpeg_quality,
     summary = build_store(
         manifest, out, magnification=float(magnification), codec=codec, codec_options=options,
         min_foreground=min_foreground, region_size=region_size, tissue=TissueSettings(pen_filter=pen_filter),
-        workers=workers, scheduler=scheduler, progress=progress,
+        workers=workers, scheduler=scheduler, progress=progress, reader=reader, scaled_decode=scaled_decode,
     )
     click.echo(summary.format())
     if not summary.ok:

@@ -28,7 +28,7 @@ from pipeline.schema.codecs import codec_settings
 from pipeline.schema.commit import reconcile, temp_group_name, write_table
 from pipeline.schema.errors import TileStoreError
 from pipeline.schema.format import SLIDES_GROUP, FailureRecord, SlideRecord, StoreAttrs, mpp_for_magnification
-from pipeline.slide import fingerprint, open_slide
+from pipeline.slide import source_fingerprint
 from pipeline.store_writer import create_store
 from pipeline.tissue import TissueSettings
 
@@ -77,23 +77,17 @@ def slide_task(row: ManifestRow, store_path: str, settings: ProcessSettings, kno
     source that opens with another fingerprint is re-tiled.
     """
     if known_fingerprint is not None:
-        current = _fingerprint_or_none(row.path)
+        current = _fingerprint_or_none(row.path, known_fingerprint.startswith("quickhash-1:"))
         if current is None or current == known_fingerprint:
             return None
     return process_slide(row, store_path, settings)
 
 
-def _fingerprint_or_none(path: str) -> str | None:
+def _fingerprint_or_none(path: str, quickhash: bool) -> str | None:
     try:
-        slide = open_slide(path)
+        return source_fingerprint(path, require_quickhash=quickhash)
     except Exception:  # noqa: BLE001 — process_slide reports the specific reason
         return None
-    try:
-        return fingerprint(path, slide)
-    except OSError:
-        return None
-    finally:
-        slide.close()
 
 
 def build_store(
@@ -109,13 +103,18 @@ def build_store(
     workers: int = 2,
     scheduler: str | None = None,
     progress: bool = True,
+    reader: str = "auto",
+    scaled_decode: bool = False,
 ) -> BuildSummary:
     """Build (or resume) the tile store `out` from a manifest.
 
     magnification: 2.5, 5, 10 or 20 (target µm/px 4, 2, 1, 0.5); region_size: R in px;
     min_foreground: least tissue fraction of a kept region; workers: local Dask worker
     processes (0 runs every slide in this process, in order); scheduler: address of an
-    existing Dask scheduler (overrides workers; its workers need this package installed).
+    existing Dask scheduler (overrides workers; its workers need this package installed);
+    a local build of one slide runs in this process (a cluster's start costs more than it
+    saves). reader: "auto" | "direct" | "openslide" (`pipeline.readers`; recorded per slide,
+    not a store setting); scaled_decode: DCT-domain scaled JPEG decoding (inexact; a store setting).
     Raises ManifestError (every bad row) before any work, StoreMismatchError when `out`
     holds a store with other settings. Slide failures do not raise: see the summary.
     """
@@ -134,13 +133,16 @@ def build_store(
     create_store(store_path, StoreAttrs(
         magnification=float(magnification), mpp=target_mpp, region_size=int(region_size),
         min_foreground=float(min_foreground), codec=codec_attr, segmentation=tissue.to_json(),
-        pipeline_version=pipeline.__version__,
+        pipeline_version=pipeline.__version__, decode={"dct_scaled": bool(scaled_decode)},
     ))
     settings = ProcessSettings(
         target_mpp=target_mpp, region_size=int(region_size), min_foreground=float(min_foreground),
         codec=codec, codec_settings={k: v for k, v in codec_attr.items() if k not in ("name", "zarr_codec")},
-        tissue=tissue,
+        tissue=tissue, reader=reader, scaled_decode=bool(scaled_decode),
     )
+    if scheduler is None:
+        # Starting a local cluster takes seconds: more than a one-slide build can gain from it.
+        workers = 0 if len(rows) <= 1 else min(workers, len(rows))
     with _build_lock(store_path):
         summary = _run(rows, store_path, settings, workers=workers, scheduler=scheduler, progress=progress)
     return dataclasses.replace(summary, seconds=time.perf_counter() - started)

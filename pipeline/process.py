@@ -11,11 +11,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.extract import iter_regions
+from pipeline.extract import dct_scale_for, iter_regions
 from pipeline.grid import choose_level, region_grid
 from pipeline.manifest import ManifestRow
+from pipeline.readers import OpenSlideReader, open_reader
 from pipeline.schema.format import FailureRecord, SlideRecord
-from pipeline.slide import SlideError, fingerprint, open_slide, resolve_mpp
+from pipeline.slide import SlideError, fingerprint, resolve_mpp, source_fingerprint
 from pipeline.store_writer import write_slide
 from pipeline.tissue import TissueSettings, load_tissue_geojson, segment_tissue, tissue_to_geojson
 
@@ -33,7 +34,10 @@ class ProcessSettings:
     """How to tile a slide. target_mpp: µm/px of the regions; region_size: R in px;
     min_foreground: least tissue fraction of a kept region; codec, codec_settings: the
     store's region codec (the store decides; recorded here for the driver's create_store);
-    tissue: segmentation settings."""
+    tissue: segmentation settings; reader: slide backend, "auto" | "direct" | "openslide"
+    (`pipeline.readers`; not a store setting: the pixels agree); scaled_decode: decode JPEG
+    tiles at 1/2–1/8 in libjpeg when the level is ≥ 2× finer than the target (inexact: a
+    store setting, `StoreAttrs.decode`); decode_threads: decoder threads per slide (direct reader)."""
 
     target_mpp: float
     region_size: int = 224
@@ -41,6 +45,9 @@ class ProcessSettings:
     codec: str = "none"
     codec_settings: dict[str, Any] = field(default_factory=dict)
     tissue: TissueSettings = field(default_factory=TissueSettings)
+    reader: str = "auto"
+    scaled_decode: bool = False
+    decode_threads: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,10 +90,14 @@ def process_slide(row: ManifestRow, store_path: str, settings: ProcessSettings) 
 
 
 def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, started: float) -> SlideResult:
-    slide = open_slide(row.path)
+    slide = open_reader(row.path, settings.reader, threads=settings.decode_threads)
     try:
         mpp0, mpp_source = resolve_mpp(slide, row.mpp)
-        source_fingerprint = fingerprint(row.path, slide)
+        # The same fingerprint whichever reader runs, so switching readers re-tiles nothing.
+        if isinstance(slide, OpenSlideReader):
+            slide_fingerprint = fingerprint(row.path, slide.slide)
+        else:
+            slide_fingerprint = source_fingerprint(row.path)
         if row.tissue_geojson:
             try:
                 tissue = load_tissue_geojson(row.tissue_geojson)
@@ -106,15 +117,18 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
                 f"{grid.grid_shape[0]}×{grid.grid_shape[1]} grid, tissue area {tissue.area * mpp0 * mpp0 / 1e6:.3g} mm² {where}"
             )
         level, resize_factor = choose_level(slide.level_downsamples, settings.target_mpp / mpp0)
+        dct_scale = dct_scale_for(slide, level, resize_factor) if settings.scaled_decode else 1
         attrs = {
             "source_path": row.path,
-            "fingerprint": source_fingerprint,
+            "fingerprint": slide_fingerprint,
             "mpp0": mpp0,
             "mpp_source": mpp_source,
             "target_mpp": settings.target_mpp,
             "level": level,
             "level_downsample": float(slide.level_downsamples[level]),
             "resize_factor": resize_factor,
+            "dct_scale": dct_scale,
+            "reader": slide.description,
             "grid_shape": list(grid.grid_shape),
             "step": grid.step,
             "tissue_geojson": tissue_to_geojson(tissue),
@@ -124,7 +138,9 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
             "case_id": row.case_id,
             "extra": dict(row.extra),
         }
-        regions = iter_regions(slide, grid, level, settings.region_size, resize_factor=resize_factor)
+        regions = iter_regions(
+            slide, grid, level, settings.region_size, resize_factor=resize_factor, dct_scale=dct_scale
+        )
         written = write_slide(
             store_path, row.slide_id,
             regions=regions, n_regions=len(grid),
@@ -140,11 +156,12 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
         split=row.split,
         case_id=row.case_id,
         source_path=row.path,
-        fingerprint=source_fingerprint,
+        fingerprint=slide_fingerprint,
         checksum=written["checksum"],
         mpp_source=mpp_source,
         grid_shape=grid.grid_shape,
         extra=dict(row.extra),
+        reader=slide.description,
     )
     return SlideResult(
         slide_id=row.slide_id, ok=True, record=record, failure=None,

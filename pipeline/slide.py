@@ -160,7 +160,7 @@ def resolve_mpp(slide, manifest_mpp: float | None) -> tuple[float, str]:
         return float(manifest_mpp), "manifest"
     from pipeline.readers import as_reader
 
-    meta = as_reader(slide).metadata()
+    meta = (slide if hasattr(slide, "metadata") else as_reader(slide)).metadata()
     if meta.vendor_mpp_xy:
         return float(np.mean(meta.vendor_mpp_xy)), "slide"
     if meta.ome_mpp_xy:
@@ -194,14 +194,17 @@ def _slide_files(path: Path) -> list[Path]:
     return files
 
 
-def source_fingerprint(path: str | Path) -> str:
+def source_fingerprint(path: str | Path, *, require_quickhash: bool = False) -> str:
     """`fingerprint` of a slide file whichever reader tiles it: OpenSlide's quickhash-1 where
     OpenSlide opens the file (opening parses only its directories), else the head-tail digest.
-    Raises OSError when the file cannot be read."""
+    Raises OSError when the file cannot be read, and openslide.OpenSlideError when
+    `require_quickhash` and OpenSlide cannot open it now (a file being copied, say)."""
     path = Path(path)
     try:
         slide = openslide.OpenSlide(str(path))
     except openslide.OpenSlideError:
+        if require_quickhash:
+            raise
         return fingerprint(path)
     try:
         return fingerprint(path, slide)

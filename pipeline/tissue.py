@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openslide
 import shapely
 from PIL import Image
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from skimage import color, filters, measure, morphology
 
-from pipeline.slide import read_rgb
+from pipeline.readers import as_reader
 
 BAND_PIXELS = 32 << 20  # level pixels read at once while building the mask
 
@@ -68,12 +67,14 @@ class TissueMask:
     mpp: float
 
 
-def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+def read_overview(slide, downsample: float) -> np.ndarray:
     """The whole slide area-resized by `downsample` (level-0 px per output px): (h, w, 3) uint8.
 
+    slide: a `pipeline.readers.SlideReader` (or an open `openslide.OpenSlide`).
     Reads the coarsest level not coarser than `downsample`, one band of rows at a time
     (memory stays near `BAND_PIXELS`), each band box-filtered to the output scale.
     """
+    slide = as_reader(slide)
     width0, height0 = slide.level_dimensions[0]
     out_w, out_h = max(1, math.ceil(width0 / downsample)), max(1, math.ceil(height0 / downsample))
     level = max(
@@ -88,7 +89,7 @@ def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
         ya, yb = math.floor(r0 * factor), math.ceil(r1 * factor)
-        band = read_rgb(slide, (0, round(ya * level_ds)), level, (level_w, yb - ya))
+        band = slide.read_level(level, 0, ya, level_w, yb - ya)
         image = Image.fromarray(band)
         box = (0.0, r0 * factor - ya, out_w * factor, r1 * factor - ya)
         out[r0:r1] = np.asarray(image.resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))
@@ -117,8 +118,12 @@ def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:
     return coloured | black
 
 
-def tissue_mask(slide: openslide.OpenSlide, mpp0: float, settings: TissueSettings) -> TissueMask:
-    """Binary tissue mask at about `settings.mpp` µm/px (see module docstring for the steps)."""
+def tissue_mask(slide, mpp0: float, settings: TissueSettings) -> TissueMask:
+    """Binary tissue mask at about `settings.mpp` µm/px (see module docstring for the steps).
+
+    slide: a `pipeline.readers.SlideReader` (or an open `openslide.OpenSlide`).
+    """
+    slide = as_reader(slide)
     width0, height0 = slide.level_dimensions[0]
     downsample = max(settings.mpp / mpp0, max(width0, height0) / settings.max_side, 1.0)
     # A stored level a little coarser than asked is cheaper than decoding a finer one.
@@ -208,7 +213,7 @@ def _as_multipolygon(geometry) -> MultiPolygon:
     return MultiPolygon(polygons)
 
 
-def segment_tissue(slide: openslide.OpenSlide, mpp0: float, settings: TissueSettings) -> MultiPolygon:
+def segment_tissue(slide, mpp0: float, settings: TissueSettings) -> MultiPolygon:
     """Tissue polygons of a slide in level-0 pixel coordinates (empty when there is no tissue).
 
     mpp0: level-0 µm/px (from `pipeline.slide.resolve_mpp`).

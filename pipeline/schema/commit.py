@@ -177,6 +177,7 @@ def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideReco
         mpp_source=str(attrs.get("mpp_source", "")),
         grid_shape=tuple(int(v) for v in attrs.get("grid_shape", (0, 0))),
         extra=dict(attrs.get("extra") or {}),
+        reader=str(attrs.get("reader", "")),
     )
 
 

@@ -55,6 +55,8 @@ class StoreAttrs:
     codec: dict[str, Any]
     segmentation: dict[str, Any]
     pipeline_version: str
+    # Inexact decoding options (pixels differ from exact decoding, so they are store settings).
+    decode: dict[str, Any] = field(default_factory=lambda: {"dct_scaled": False})
     created: str = ""
     format: str = FORMAT_NAME
     version: str = FORMAT_VERSION
@@ -69,7 +71,7 @@ class StoreAttrs:
 
     def same_settings(self, other: "StoreAttrs") -> bool:
         """True when two stores were built with the same tiling settings (time/version aside)."""
-        keys = ("magnification", "mpp", "region_size", "min_foreground", "codec", "segmentation", "format")
+        keys = ("magnification", "mpp", "region_size", "min_foreground", "codec", "segmentation", "decode", "format")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -88,6 +90,7 @@ class SlideRecord:
     mpp_source: str
     grid_shape: tuple[int, int]
     extra: dict[str, Any] = field(default_factory=dict)
+    reader: str = ""  # the backend that read it, with a fallback's reason (not a store setting)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
