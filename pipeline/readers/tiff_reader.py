@@ -135,12 +135,12 @@ class TiffReader(SlideReader):
 
     def _level(self, index: int, page: tifffile.TiffPage) -> _Level:
         where = f"level {index}"
+        if page.planarconfig != 1:
+            raise DirectUnsupportedError(f"{where} stores colour planes separately")
         if page.dtype != np.uint8 or page.samplesperpixel != 3 or page.shape[-1:] != (3,) or len(page.shape) != 3:
             raise DirectUnsupportedError(
                 f"{where} is {page.shape} {page.dtype} with {page.samplesperpixel} samples (needs 8-bit RGB)"
             )
-        if page.planarconfig != 1:
-            raise DirectUnsupportedError(f"{where} stores colour planes separately")
         compression, photometric = int(page.compression), int(page.photometric)
         jpeg = compression == JPEG
         if jpeg and photometric not in (RGB, YCBCR):
