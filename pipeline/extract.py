@@ -137,7 +137,11 @@ def iter_regions(
         raise ValueError("grid regions must be in row-major order")
     downsample = reader.level_downsamples[level] * dct_scale
     span = grid.step / downsample  # footprint side in (scaled) level px
-    if resize_factor is None or dct_scale != 1:
+    if dct_scale != 1:
+        # Keep the exact path's geometry (an area resize of the float footprint): snapping a
+        # footprint within 1 % of R to R pixels would shift fine texture by up to half a pixel.
+        exact_level = False
+    elif resize_factor is None:
         exact_level = abs(span - region_size) <= LEVEL_TOLERANCE * region_size
     else:
         exact_level = resize_factor == 1.0
