@@ -42,8 +42,21 @@ class _Footprint:
     y1: float
 
 
+# Factors for which PIL's `Image.reduce` is the exact rounded-half-up mean (its sum is shifted,
+# not multiplied by an approximate reciprocal as for other factors): ~2–7× faster than numpy.
+PIL_EXACT_FACTORS = (2, 4, 8, 16)
+
+
 def block_mean_uint8(pixels: np.ndarray, factor: int) -> np.ndarray:
     """Exact k×k block mean, rounded half up: (h·k, w·k, c) uint8 → (h, w, c) uint8."""
+    h, w = pixels.shape[0] // factor, pixels.shape[1] // factor
+    if factor in PIL_EXACT_FACTORS and pixels.ndim == 3 and pixels.shape[2] == 3:
+        cut = np.ascontiguousarray(pixels[: h * factor, : w * factor])
+        return np.asarray(Image.fromarray(cut).reduce(factor))
+    return _block_mean_numpy(pixels, factor)
+
+
+def _block_mean_numpy(pixels: np.ndarray, factor: int) -> np.ndarray:
     h, w = pixels.shape[0] // factor, pixels.shape[1] // factor
     count = factor * factor
     # k² strided adds are ~5× faster than a reshape-sum over the interleaved axes.

@@ -226,12 +226,16 @@ class TiffReader(SlideReader):
         lv = self._levels[level]
         if scale != 1 and scale not in self.scales(level):
             raise ValueError(f"scale 1/{scale} is not available at level {level} (available: {self.scales(level)})")
-        out = np.full((int(height), int(width), 3), 255, np.uint8)
+        out = np.empty((int(height), int(width), 3), np.uint8)
         level_w, level_h = math.ceil(lv.width / scale), math.ceil(lv.height / scale)
+        inside = x >= 0 and y >= 0 and x + width <= level_w and y + height <= level_h
+        if not inside:
+            out.fill(255)
         tile_w, tile_h = lv.tile_w // scale, lv.tile_h // scale
         xa, ya = max(int(x), 0), max(int(y), 0)
         xb, yb = min(int(x) + int(width), level_w), min(int(y) + int(height), level_h)
         if xa >= xb or ya >= yb:
+            out.fill(255)
             return out
         if lv.raw_strips:
             out[ya - y : yb - y, xa - x : xb - x] = self._raw_rows(lv, ya, yb)[:, xa:xb]
@@ -240,6 +244,8 @@ class TiffReader(SlideReader):
                  for tx in range(xa // tile_w, (xb - 1) // tile_w + 1)]
         indices = [ty * lv.across + tx for ty, tx in tiles]
         decoded = self._tiles(level, lv, indices, scale)
+        if inside and any(pixels is None for pixels in decoded):
+            out.fill(255)
         for (ty, tx), pixels in zip(tiles, decoded):
             if pixels is None:
                 continue  # a missing tile is transparent in OpenSlide: white
