@@ -121,12 +121,15 @@ class TiffReader(SlideReader):
                 raise DirectUnsupportedError(f"{flag} layout (OpenSlide reads its vendor specifics)")
         if not tiff.series:
             raise DirectUnsupportedError("no image series")
-        series = tiff.series[0]
-        levels = []
-        for index, level in enumerate(series.levels):
-            if len(level.pages) != 1:
-                raise DirectUnsupportedError(f"level {index} has {len(level.pages)} planes (z/t/channel stacks)")
-            levels.append(self._level(index, level.keyframe))
+        if tiff.is_svs or tiff.is_ome:
+            pages = []
+            for index, level in enumerate(tiff.series[0].levels):
+                if len(level.pages) != 1:
+                    raise DirectUnsupportedError(f"level {index} has {len(level.pages)} planes (z/t/channel stacks)")
+                pages.append(level.keyframe)
+        else:
+            pages = _generic_levels(tiff)
+        levels = [self._level(index, page) for index, page in enumerate(pages)]
         if not levels:
             raise DirectUnsupportedError("no levels")
         if any(b.width > a.width or b.height > a.height for a, b in zip(levels, levels[1:])):
@@ -315,6 +318,18 @@ class TiffReader(SlideReader):
             self._fd = None
         self._tiff.close()
         self._cache.clear()
+
+
+def _generic_levels(tiff: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """A generic TIFF's levels as OpenSlide's generic-tiff backend sees them: every tiled
+    directory, largest first (tifffile's own series would split a pyramid whose steps are
+    not all 2×); a stripped TIFF: its first directory and any reduced-resolution ones."""
+    pages = [tiff.pages[i] for i in range(len(tiff.pages))]
+    if pages[0].is_tiled:
+        chosen = [p for p in pages if p.is_tiled]
+    else:
+        chosen = [pages[0]] + [p for p in pages[1:] if int(p.subfiletype) & 1]
+    return sorted(chosen, key=lambda p: -int(p.imagewidth))
 
 
 def _jpeg_scaled(data: bytes, lv: _Level, scale: int) -> np.ndarray:

@@ -145,6 +145,17 @@ def test_direct_equals_openslide_on_the_real_aperio_slide(real_slide_path):
             assert np.abs(direct.read_level(0, x, y, bw, bh).astype(int) - reference.read_level(0, x, y, bw, bh)).max() <= 1
 
 
+def test_pyramid_with_uneven_steps_has_the_levels_openslide_sees(tmp_path):
+    """tifffile's generic series stops at the first step that is not 2×; OpenSlide does not."""
+    path = tmp_path / "uneven.tif"
+    write_synthetic_slide(path, width=1024, height=768, mpp=0.5, levels=(1, 2, 8), tissue_rects=TISSUE, compression="jpeg")
+    with open_reader(path, "direct") as direct, open_reader(path, "openslide") as reference:
+        assert direct.level_dimensions == reference.level_dimensions == ((1024, 768), (512, 384), (128, 96))
+        assert direct.level_downsamples == pytest.approx(reference.level_downsamples)
+        a, b = direct.read_level(2, 0, 0, 128, 96), reference.read_level(2, 0, 0, 128, 96)
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+
 # ---------------------------------------------------------------- OME-TIFF and stripped TIFF
 
 @pytest.mark.parametrize("compression", [None, "jpeg"])
