@@ -110,15 +110,35 @@ def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
 def median_nearest(image: np.ndarray, size: int) -> np.ndarray:
     """`size`×`size` median with edge-replicated borders: (h, w) uint8 → (h, w) uint8.
 
-    Equal to `scipy.ndimage.median_filter(image, size, mode="nearest")`, 3–6× faster:
-    scikit-image's histogram-sliding rank filter on the edge-padded image (every window
-    whole, so the borders match).
+    Equal to `scipy.ndimage.median_filter(image, size, mode="nearest")`, about 2× faster:
+    for a 3×3 window, a 19-step min/max median network over the 9 shifted copies (in row
+    bands, memory ≤ ~BAND_PIXELS);
+    for larger ones, scikit-image's histogram-sliding rank filter on the edge-padded image
+    (every window whole, so the borders match).
     """
     if size <= 1:
         return image
     pad = size // 2
     padded = np.pad(image, pad, mode="edge")
-    return rank.median(padded, footprint=np.ones((size, size), bool))[pad:-pad, pad:-pad]
+    if size > 3:
+        return rank.median(padded, footprint=np.ones((size, size), bool))[pad:-pad, pad:-pad]
+    h, w = image.shape
+    out = np.empty_like(image)
+    rows = max(1, BAND_PIXELS // (9 * max(w, 1)))
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        p = [padded[r0 + dy : r1 + dy, dx : dx + w].copy() for dy in range(3) for dx in range(3)]
+        for i, j in _MEDIAN9_NETWORK:  # compare-exchange: p[i] ≤ p[j] afterwards
+            p[i], p[j] = np.minimum(p[i], p[j]), np.maximum(p[i], p[j])
+        out[r0:r1] = p[4]
+    return out
+
+
+# The 19 compare-exchanges after which element 4 of 9 is their median (Paeth's network).
+_MEDIAN9_NETWORK = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)
 
 
 def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:

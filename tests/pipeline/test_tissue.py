@@ -130,3 +130,13 @@ def test_median_equals_scipy_nearest(size):
     image = np.random.default_rng(size).integers(0, 256, (37, 53), dtype=np.uint8)
     image[:5] = 250  # a flat border band: the edge rule matters
     np.testing.assert_array_equal(median_nearest(image, size), ndimage.median_filter(image, size=size, mode="nearest"))
+
+
+def test_median_in_row_bands_equals_one_pass(monkeypatch):
+    from scipy import ndimage
+
+    import pipeline.tissue as tissue
+
+    monkeypatch.setattr(tissue, "BAND_PIXELS", 9 * 53 * 4)  # 4 rows per band
+    image = np.random.default_rng(9).integers(0, 256, (37, 53), dtype=np.uint8)
+    np.testing.assert_array_equal(tissue.median_nearest(image, 3), ndimage.median_filter(image, size=3, mode="nearest"))
