@@ -143,6 +143,9 @@ def build_store(
     if scheduler is None:
         # Starting a local cluster takes seconds: more than a one-slide build can gain from it.
         workers = 0 if len(rows) <= 1 else min(workers, len(rows))
+        # Cores the worker processes leave idle decode tiles in threads (direct reader).
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        settings = dataclasses.replace(settings, decode_threads=threads)
     with _build_lock(store_path):
         summary = _run(rows, store_path, settings, workers=workers, scheduler=scheduler, progress=progress)
     return dataclasses.replace(summary, seconds=time.perf_counter() - started)

@@ -91,6 +91,7 @@ class TiffReader(SlideReader):
     def __init__(self, path: str | Path, *, threads: int = 1):
         self.path = Path(path)
         self.threads = max(1, int(threads))
+        self._pool: ThreadPoolExecutor | None = None
         try:
             self._tiff = tifffile.TiffFile(self.path)
         except Exception as error:  # noqa: BLE001 — whatever tifffile refuses, OpenSlide may still read
@@ -274,8 +275,9 @@ class TiffReader(SlideReader):
             else:
                 todo.append(index)
         if self.threads > 1 and len(todo) > 1:
-            with ThreadPoolExecutor(self.threads) as pool:
-                results = list(pool.map(lambda i: self._decode(lv, i, scale), todo))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-decode")
+            results = list(self._pool.map(lambda i: self._decode(lv, i, scale), todo))
         else:
             results = [self._decode(lv, i, scale) for i in todo]
         for index, pixels in zip(todo, results):
@@ -313,6 +315,9 @@ class TiffReader(SlideReader):
         return rows
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None

@@ -270,3 +270,11 @@ def test_scaled_decoding_needs_jpeg_tiles(raw_slide):
         assert reader.scales(0) == ()
         with pytest.raises(ValueError, match="not available"):
             reader.read_level(0, 0, 0, 10, 10, scale=2)
+
+
+def test_decoder_threads_give_the_same_pixels(jpeg_slide):
+    path, _ = jpeg_slide
+    with open_reader(path, "direct") as one, open_reader(path, "direct", threads=2) as two:
+        np.testing.assert_array_equal(one.read_level(0, -5, 3, 690, 510), two.read_level(0, -5, 3, 690, 510))
+        assert two._pool is not None  # the block spanned several tiles: decoded in the pool
+    assert two._pool is None  # closed with the reader
