@@ -18,7 +18,7 @@ the slide, one per process), regions per second of:
 
 then the per-slide profile of the direct pipeline, and the driver's wall time with and without
 a Dask cluster. Every process runs each code path once before timing; each figure is the best
-of 3 rounds, each round running every method once in turn. Figures on a shared machine are noisy: read the ratios, measured side by side.
+of --repeats rounds (2), each round running every method once in turn. Figures on a shared machine are noisy: read the ratios, measured side by side.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def pipeline_worker(row: ManifestRow, store: str, settings: ProcessSettings) -> 
     return result.n_regions
 
 
-REPEATS = 3
+REPEATS = 2  # rounds per figure (--repeats)
 
 
 def timed(pool: ProcessPoolExecutor | None, function, jobs: list[tuple]) -> float:
@@ -251,11 +251,11 @@ def timed(pool: ProcessPoolExecutor | None, function, jobs: list[tuple]) -> floa
     return done / (time.perf_counter() - started)
 
 
-def best_rates(pool, methods: dict[str, tuple]) -> dict[str, float]:
-    """Best of REPEATS rounds; each round runs every method once, in turn, so that a burst of
+def best_rates(pool, methods: dict[str, tuple], repeats: int = REPEATS) -> dict[str, float]:
+    """Best of `repeats` rounds; each round runs every method once, in turn, so that a burst of
     load on the shared machine hits every method alike rather than one."""
     best = dict.fromkeys(methods, 0.0)
-    for _ in range(REPEATS):
+    for _ in range(max(1, repeats)):
         for name, (function, jobs) in methods.items():
             best[name] = max(best[name], timed(pool, function, jobs))
     return best
@@ -343,7 +343,7 @@ def run_config(pool, slide_path: Path, magnification: float, args, work: Path) -
             store = _store(work / f"{slide_path.stem}-{magnification:g}-{variant}-{procs}.zarr", magnification, target,
                            dct=settings.scaled_decode)
             methods[name] = (pipeline_worker, [(rows[k], store, settings) for k in copies])
-        rates = best_rates(runner, methods)
+        rates = best_rates(runner, methods, args.repeats)
         base, ceiling = rates["TRIDENT-style best level + area resize"], rates["decode ceiling (imagecodecs, needed tiles)"]
         print(f"  {procs} process{'es' if procs > 1 else ''}: {'method':44s} {'regions/s':>9s} {'× TRIDENT':>9s} {'% ceiling':>9s}")
         for name, rate in rates.items():
@@ -357,6 +357,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=8192, help="bench slides' side in level-0 px (multiple of 256)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--clam-regions", type=int, default=24, help="regions the CLAM-style reader reads (evenly spread)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="rounds per figure (best of)")
     parser.add_argument("--quick", action="store_true", help="only slide A at 10× (a smoke run)")
     args = parser.parse_args()
 
