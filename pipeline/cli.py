@@ -64,10 +64,17 @@ def main() -> None:
 @click.option("--prune", is_flag=True, help="Remove slides that are in the store but no longer in the manifest.")
 @click.option("--repair", is_flag=True, help="Verify the complete slides first and redo the corrupt or missing ones.")
 @click.option("--no-lock", is_flag=True, help="File systems without flock: hold the store with an exclusive lease file instead.")
+@click.option("--reader", default="auto", show_default=True, type=click.Choice(["auto", "direct", "openslide"]),
+              help="Slide reader: direct = tifffile + libjpeg-turbo for SVS/TIFF/OME-TIFF; openslide = any OpenSlide format; "
+                   "auto = direct where it applies, else OpenSlide (recorded per slide; not a store setting).")
+@click.option("--scaled-decode/--exact-decode", default=None,
+              help="Decode JPEG tiles at 1/2–1/8 inside libjpeg when the level is ≥ 2× finer than needed: faster, "
+                   "NOT exact (a store setting; default: the existing store's, else exact).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_clean_errors
 def build(manifest, magnification, target_mpp, out, workers, scheduler, codec, jpeg_quality, zstd_level, min_foreground,
-          region_size, pen_filter, allow_upsampling, skip_missing, prune, repair, no_lock, progress) -> None:
+          region_size, pen_filter, allow_upsampling, skip_missing, prune, repair, no_lock, reader, scaled_decode,
+          progress) -> None:
     """Tile every slide of MANIFEST into the store OUT (resumes with the store's own settings;
     exit status 1 when any slide failed, 2 when bad input stopped the build before any work)."""
     from pipeline.driver import build_store
@@ -90,6 +97,7 @@ def build(manifest, magnification, target_mpp, out, workers, scheduler, codec, j
         tissue=None if pen_filter is None else TissueSettings(pen_filter=pen_filter),
         workers=workers, scheduler=scheduler, progress=progress, skip_missing=skip_missing, prune=prune,
         repair=repair, allow_upsampling=allow_upsampling, use_flock=not no_lock,
+        reader=reader, scaled_decode=scaled_decode,
     )
     click.echo(summary.format())
     if not summary.ok:

@@ -40,7 +40,7 @@ from pipeline.schema.format import (
     magnification_for_mpp,
     mpp_for_magnification,
 )
-from pipeline.slide import fingerprint, open_slide
+from pipeline.slide import source_fingerprint
 from pipeline.store_writer import check_store_folder, create_store, read_store_attrs
 from pipeline.table_batch import BatchedTable, TableBatch
 from pipeline.tissue import TissueSettings
@@ -76,7 +76,7 @@ def slide_task(row: ManifestRow, store_path: str, settings: ProcessSettings, kno
     fail and lose the complete slide (DESIGN.md §8).
     """
     if known is not None and _manifest_inputs_unchanged(row, known):
-        current = _fingerprint_or_none(row.path)
+        current = _fingerprint_or_none(row.path, known.fingerprint.startswith("quickhash-1:"))
         if current is None or current == known.fingerprint:
             return None
     return process_slide(row, store_path, settings)
@@ -93,23 +93,17 @@ def _manifest_inputs_unchanged(row: ManifestRow, known: SkipKey) -> bool:
         return True  # unreadable now: keep the complete slide, as for an unreadable source
 
 
-def _fingerprint_or_none(path: str) -> str | None:
+def _fingerprint_or_none(path: str, quickhash: bool) -> str | None:
     try:
-        slide = open_slide(path)
+        return source_fingerprint(path, require_quickhash=quickhash)
     except Exception:  # noqa: BLE001 — process_slide reports the specific reason
         return None
-    try:
-        return fingerprint(path, slide)
-    except OSError:
-        return None
-    finally:
-        slide.close()
 
 
 def resolve_store_attrs(
     existing: StoreAttrs | None, *, magnification: float | None, mpp: float | None, codec: str | None,
     codec_options: dict[str, Any] | None, min_foreground: float | None, region_size: int | None,
-    tissue: TissueSettings | None,
+    tissue: TissueSettings | None, scaled_decode: bool | None = None,
 ) -> StoreAttrs:
     """The store's settings for this build: each one given, else the existing store's,
     else the default. (A mismatch with the existing store is `create_store`'s to report.)"""
@@ -142,6 +136,8 @@ def resolve_store_attrs(
         magnification=float(magnification), mpp=float(target_mpp), region_size=int(pick(region_size, "region_size")),
         min_foreground=float(pick(min_foreground, "min_foreground")), codec=codec_attr, segmentation=segmentation,
         pipeline_version=pipeline.__version__,
+        decode={"dct_scaled": bool(scaled_decode)} if scaled_decode is not None else (
+            dict(existing.decode) if existing is not None else {"dct_scaled": False}),
     )
     if attrs.region_size < 1:
         raise ValueError(f"region size must be ≥ 1 px, got {attrs.region_size}")
@@ -175,6 +171,8 @@ def build_store(
     allow_upsampling: bool = False,
     use_flock: bool = True,
     table_batch: TableBatch = TableBatch(),
+    reader: str = "auto",
+    scaled_decode: bool | None = None,
 ) -> BuildSummary:
     """Build (or resume) the tile store `out` from a manifest.
 
@@ -188,6 +186,10 @@ def build_store(
     remove slides not in the manifest; repair: verify complete slides and redo the corrupt
     ones; allow_upsampling: tile slides scanned coarser than the target (recorded);
     use_flock False: an exclusive lease file instead of flock (`pipeline.locking`).
+    reader: "auto" | "direct" | "openslide" (`pipeline.readers`; recorded per slide, not a
+    store setting); scaled_decode: DCT-domain scaled JPEG decoding (inexact; a store setting;
+    None = the existing store's, else off). A local build of one slide runs in this process
+    (a cluster's start costs more than it saves).
     Raises ManifestError (every bad row) before any work, StoreMismatchError (the
     settings that differ) when `out` holds a store with other settings, StoreLockedError
     when another build holds it. Slide failures do not raise: see the summary.
@@ -206,15 +208,21 @@ def build_store(
             existing = None
         attrs = create_store(store_path, resolve_store_attrs(
             existing, magnification=magnification, mpp=mpp, codec=codec, codec_options=codec_options,
-            min_foreground=min_foreground, region_size=region_size, tissue=tissue,
+            min_foreground=min_foreground, region_size=region_size, tissue=tissue, scaled_decode=scaled_decode,
         ))
         settings = ProcessSettings(
             target_mpp=attrs.mpp, region_size=attrs.region_size, min_foreground=attrs.min_foreground,
             codec=attrs.codec["name"],
             codec_settings={k: v for k, v in attrs.codec.items() if k not in ("name", "zarr_codec")},
             tissue=_tissue_settings(attrs.segmentation), allow_upsampling=allow_upsampling,
-            build_id=writer.build_id,
+            build_id=writer.build_id, reader=reader, scaled_decode=bool(attrs.decode.get("dct_scaled", False)),
         )
+        if scheduler is None:
+            # Starting a local cluster takes seconds: more than a one-slide build can gain from it.
+            workers = 0 if len(rows) <= 1 else min(workers, len(rows))
+            # Cores the worker processes leave idle decode tiles in threads (direct reader).
+            threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+            settings = dataclasses.replace(settings, decode_threads=threads)
         summary = _run(rows, store_path, settings, workers=workers, scheduler=scheduler, progress=progress,
                        prune=prune, repair=repair, batch=table_batch)
     return dataclasses.replace(summary, seconds=time.perf_counter() - started)

@@ -1,10 +1,14 @@
 """Region extraction: large block reads from one pyramid level, area-resized to R×R.
 
 Regions come out in the grid's (row-major) order. Each read covers one grid row's run
-of neighbouring regions (up to `block_px` level pixels wide), never one `read_region`
-per region unless the regions are far apart. Reading only the regions' own rows
-decodes less than square blocks around irregular tissue; OpenSlide's tile cache is
-widened so that tiles shared by two grid rows are decoded once.
+of neighbouring regions (up to `block_px` level pixels wide), never one read per region
+unless the regions are far apart. Reading only the regions' own rows decodes less than
+square blocks around irregular tissue; the reader's tile cache is widened so that tiles
+shared by two grid rows are decoded once. Any `pipeline.readers` backend reads the blocks.
+
+With `dct_scale` s > 1 (direct reader, JPEG levels; `ProcessSettings.scaled_decode`) the
+level's tiles are decoded at 1/s inside libjpeg and the level is treated as one s times
+coarser: fewer pixels decoded, not bit-exact (see pipeline/readers/tiff_reader.py).
 
 Resizing a footprint of f·R level pixels to R:
 - f within 1 % of 1 (an exact level): the R×R pixels at the footprint origin rounded half up;
@@ -20,15 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import openslide
 from PIL import Image
 
 from pipeline.grid import LEVEL_TOLERANCE, RegionGrid
-from pipeline.slide import read_rgb
+from pipeline.readers import as_reader
 
 INTEGER_TOLERANCE = 1e-6
-DEFAULT_CACHE_BYTES = 32 << 20  # OpenSlide's own default
-MAX_CACHE_BYTES = 512 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,8 +42,21 @@ class _Footprint:
     y1: float
 
 
+# Factors for which PIL's `Image.reduce` is the exact rounded-half-up mean (its sum is shifted,
+# not multiplied by an approximate reciprocal as for other factors): ~2–7× faster than numpy.
+PIL_EXACT_FACTORS = (2, 4, 8, 16)
+
+
 def block_mean_uint8(pixels: np.ndarray, factor: int) -> np.ndarray:
     """Exact k×k block mean, rounded half up: (h·k, w·k, c) uint8 → (h, w, c) uint8."""
+    h, w = pixels.shape[0] // factor, pixels.shape[1] // factor
+    if factor in PIL_EXACT_FACTORS and pixels.ndim == 3 and pixels.shape[2] == 3:
+        cut = np.ascontiguousarray(pixels[: h * factor, : w * factor])
+        return np.asarray(Image.fromarray(cut).reduce(factor))
+    return _block_mean_numpy(pixels, factor)
+
+
+def _block_mean_numpy(pixels: np.ndarray, factor: int) -> np.ndarray:
     h, w = pixels.shape[0] // factor, pixels.shape[1] // factor
     count = factor * factor
     # k² strided adds are ~5× faster than a reshape-sum over the interleaved axes.
@@ -97,20 +111,16 @@ def _row_runs(cols: np.ndarray, per_region: float, block_px: int, max_gap: int) 
     return runs
 
 
-def _widen_tile_cache(slide: openslide.OpenSlide, level: int) -> None:
-    """Give OpenSlide's tile cache room for two rows of tiles across the level, so that tiles
-    straddling two grid rows are decoded once (capped at MAX_CACHE_BYTES)."""
-    if not hasattr(openslide, "OpenSlideCache"):
-        return
-    tile_h = int(slide.properties.get(f"openslide.level[{level}].tile-height", 256) or 256)
-    width = slide.level_dimensions[level][0]
-    wanted = min(MAX_CACHE_BYTES, max(DEFAULT_CACHE_BYTES, 3 * tile_h * width * 4))
-    if wanted > DEFAULT_CACHE_BYTES:
-        slide.set_cache(openslide.OpenSlideCache(wanted))
+def dct_scale_for(reader, level: int, resize_factor: float) -> int:
+    """The largest DCT-domain scale s (1/2, 1/4, 1/8) with s ≤ `resize_factor` (within the level
+    tolerance) that `reader` offers at `level`; 1 when none (exact decoding)."""
+    scales = getattr(reader, "scales", lambda _: ())(level)
+    fitting = [s for s in scales if s <= resize_factor * (1 + LEVEL_TOLERANCE)]
+    return max(fitting, default=1)
 
 
 def iter_regions(
-    slide: openslide.OpenSlide,
+    slide,
     grid: RegionGrid,
     level: int,
     region_size: int,
@@ -118,6 +128,7 @@ def iter_regions(
     resize_factor: float | None = None,
     block_px: int = 8192,
     max_gap: int = 2,
+    dct_scale: int = 1,
 ) -> Iterator[np.ndarray]:
     """Yield each region of `grid` as (R, R, 3) uint8 RGB (on white), in the grid's order.
 
@@ -125,25 +136,33 @@ def iter_regions(
     at most `block_px` level pixels in width (a run also breaks at more than `max_gap`
     empty columns), so memory stays at one block (block_px · footprint · 7 bytes) and
     only the regions' own rows are decoded.
+    slide: a `pipeline.readers.SlideReader` (or an open `openslide.OpenSlide`);
     level: the pyramid level to read (see `pipeline.grid.choose_level`); resize_factor:
     its factor, where 1.0 means the level is exact (no resize); None derives it from
-    grid.step and the level's downsample.
+    grid.step and the level's downsample; dct_scale: decode the level at 1/dct_scale
+    (see `dct_scale_for`; 1 = exact).
     """
     if len(grid) == 0:
         return
+    reader = as_reader(slide)
     rows = grid.coords[:, 0]
     if np.any(np.diff(rows) < 0):
         raise ValueError("grid regions must be in row-major order")
-    downsample = slide.level_downsamples[level]
-    span = grid.step / downsample  # footprint side in level px
-    if resize_factor is None:
+    downsample = reader.level_downsamples[level] * dct_scale
+    span = grid.step / downsample  # footprint side in (scaled) level px
+    if dct_scale != 1:
+        # Keep the exact path's geometry (an area resize of the float footprint): snapping a
+        # footprint within 1 % of R to R pixels would shift fine texture by up to half a pixel.
+        exact_level = False
+    elif resize_factor is None:
         exact_level = abs(span - region_size) <= LEVEL_TOLERANCE * region_size
     else:
         exact_level = resize_factor == 1.0
+    read_kw = {"scale": dct_scale} if dct_scale != 1 else {}
     reach = max(span, float(region_size)) if exact_level else span
     fx = grid.origin[:, 0] / downsample
     fy = grid.origin[:, 1] / downsample
-    _widen_tile_cache(slide, level)
+    reader.reserve_cache(level)
     row_starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 1))
     for first, last in zip(row_starts, list(row_starts[1:]) + [len(rows)]):
         members_of_row = np.arange(first, last)
@@ -156,7 +175,7 @@ def iter_regions(
             if exact_level:
                 xb = max(xb, int(np.floor(fx[members] + 0.5).max()) + region_size)
                 yb = max(yb, int(np.floor(fy[members] + 0.5).max()) + region_size)
-            block = read_rgb(slide, (round(xa * downsample), round(ya * downsample)), level, (xb - xa, yb - ya))
+            block = reader.read_level(level, xa, ya, xb - xa, yb - ya, **read_kw)
             for i in members:
                 box = _Footprint(x0=fx[i] - xa, y0=fy[i] - ya, x1=fx[i] - xa + span, y1=fy[i] - ya + span)
                 yield resize_footprint(block, box, region_size, exact_level)

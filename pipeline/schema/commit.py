@@ -211,6 +211,7 @@ def record_from_group(group_path: str | os.PathLike, slide_id: str) -> SlideReco
         manifest_mpp=attrs.get("manifest_mpp"),
         tissue_geojson_sha256=attrs.get("tissue_geojson_sha256"),
         upsampled=bool(attrs.get("upsampled", False)),
+        reader=str(attrs.get("reader", "")),
     )
 
 

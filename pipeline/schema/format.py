@@ -86,6 +86,8 @@ class StoreAttrs:
     codec: dict[str, Any]
     segmentation: dict[str, Any]
     pipeline_version: str
+    # Inexact decoding options (pixels differ from exact decoding, so they are store settings).
+    decode: dict[str, Any] = field(default_factory=lambda: {"dct_scaled": False})
     created: str = ""
     format: str = FORMAT_NAME
     version: str = FORMAT_VERSION
@@ -98,7 +100,7 @@ class StoreAttrs:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    SETTING_KEYS = ("magnification", "mpp", "region_size", "min_foreground", "codec", "segmentation", "format")
+    SETTING_KEYS = ("magnification", "mpp", "region_size", "min_foreground", "codec", "segmentation", "decode", "format")
 
     def same_settings(self, other: "StoreAttrs") -> bool:
         """True when two stores were built with the same tiling settings (time/version aside)."""
@@ -140,6 +142,7 @@ class SlideRecord:
     manifest_mpp: float | None = None  # the manifest's mpp override (µm/px), None when absent
     tissue_geojson_sha256: str | None = None  # sha256 of the manifest's tissue_geojson file
     upsampled: bool = False  # target finer than level 0, allowed by --allow-upsampling
+    reader: str = ""  # the backend that read it, with a fallback's reason (not a store setting)
 
     def to_json(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its deep copy dominates writing a 10k-row table.

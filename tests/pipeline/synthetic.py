@@ -91,3 +91,38 @@ def write_synthetic_slide(
                 **options,
             )
     return image
+
+
+def write_ome_pyramid(
+    path: str | Path,
+    image: np.ndarray,
+    *,
+    mpp: float,
+    downsamples: Sequence[int] = (1, 2, 4),
+    tile: int = 256,
+    compression: str | None = "jpeg",
+) -> list[np.ndarray]:
+    """An OME-TIFF pyramid as QuPath/bioformats write it: level 0 in the main IFD, the reduced
+    levels in its SubIFDs, `PhysicalSizeX/Y` = mpp in the OME-XML and no resolution tags.
+
+    image: (h, w, 3) uint8 level 0; returns the levels written (block means of `image`).
+    """
+    levels = [image if d == 1 else block_mean(image, d) for d in downsamples]
+    options = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        tiff.write(levels[0], subifds=len(levels) - 1,
+                   metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}, **options)
+        for level in levels[1:]:
+            tiff.write(level, subfiletype=1, **options)
+    return levels
+
+
+def write_stripped_tiff(
+    path: str | Path, image: np.ndarray, *, mpp: float, rows_per_strip: int = 16, compression: str | None = None
+) -> None:
+    """An untiled (stripped) RGB TIFF with resolution tags, which OpenSlide refuses."""
+    px_per_cm = 1e4 / mpp
+    tifffile.imwrite(
+        path, image, photometric="rgb", rowsperstrip=rows_per_strip, compression=compression,
+        resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER", metadata=None,
+    )

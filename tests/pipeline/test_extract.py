@@ -129,3 +129,17 @@ def test_real_slide_regions_match_independent_reads(real_slide_path, target_mpp,
         raw = Image.fromarray(read_rgb(slide, (x, y), 0, (side, side)))
         reference = np.asarray(raw.resize((R, R), Image.Resampling.BOX, box=(0, 0, grid.step, grid.step)))
         assert np.abs(region.astype(int) - reference).mean() < 2
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 8, 16])
+def test_block_mean_is_exact_rounded_half_up_for_every_factor(factor):
+    from pipeline.extract import block_mean_uint8
+
+    rng = np.random.default_rng(factor)
+    pixels = rng.integers(0, 256, (factor * 9 + 1, factor * 7 + 2, 3), dtype=np.uint8)
+    pixels[: factor, : factor] = [[255, 0, 1]]  # extremes
+    pixels[factor : 2 * factor, : factor] = 0
+    pixels[factor, 0] = 255 if factor * factor % 2 == 0 else 0
+    cut = pixels[1:, 2:]  # a strided view, as extraction passes it
+    expected = np.floor(cut[: factor * 9, : factor * 7].reshape(9, factor, 7, factor, 3).astype(np.float64).mean(axis=(1, 3)) + 0.5)
+    np.testing.assert_array_equal(block_mean_uint8(cut, factor), expected.astype(np.uint8))

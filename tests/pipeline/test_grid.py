@@ -78,3 +78,20 @@ def test_choose_level():
     assert choose_level((1.0, 4.02, 16.08), 4.0) == (1, 1.0)  # within 1 % is exact
     assert choose_level((1.0, 3.0), 4.0) == (1, pytest.approx(4 / 3))
     assert choose_level((1.0,), 1.002) == (0, 1.0)
+
+
+def test_covered_area_equals_exact_intersections_with_holes():
+    import shapely
+    from shapely.geometry import Point
+
+    from pipeline.grid import _covered_area
+
+    rng = np.random.default_rng(3)
+    blobs = shapely.union_all([Point(*rng.uniform(0, 1000, 2)).buffer(rng.uniform(40, 160)) for _ in range(12)])
+    holes = shapely.union_all([Point(*rng.uniform(0, 1000, 2)).buffer(25) for _ in range(8)])
+    tissue = shapely.difference(blobs, holes)
+    polygons = list(shapely.get_parts(tissue))
+    xs, ys = np.meshgrid(np.arange(0, 1000, 37.3), np.arange(0, 1000, 37.3))
+    boxes = shapely.box(xs.ravel(), ys.ravel(), xs.ravel() + 37.3, ys.ravel() + 37.3)
+    expected = shapely.area(shapely.intersection(boxes, tissue))
+    np.testing.assert_allclose(_covered_area(boxes, polygons), expected, rtol=0, atol=1e-6)

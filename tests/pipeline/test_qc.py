@@ -66,8 +66,8 @@ def test_thumbnail_is_read_in_bands(tmp_path, monkeypatch):
     original = qc._read_level_scaled
 
     def counting(slide, *args):
-        real_read = slide.read_region
-        slide.read_region = lambda *a: reads.append(a) or real_read(*a)
+        real_read = slide.read_level
+        slide.read_level = lambda *a: reads.append(a) or real_read(*a)
         return original(slide, *args)
 
     monkeypatch.setattr(qc, "BAND_PIXELS", 1280 * 50)
@@ -75,3 +75,19 @@ def test_thumbnail_is_read_in_bands(tmp_path, monkeypatch):
     banded = np.asarray(Image.open(write_qc(store, tmp_path / "banded")[0]).convert("RGB"), dtype=np.int16)
     assert len(reads) == 2 * 13  # two slides, 640 rows each in bands of 50
     assert banded.shape == whole.shape and np.abs(banded - whole).mean() < 2.0
+
+
+def test_qc_of_a_slide_only_the_direct_reader_opens(tmp_path):
+    from synthetic import synthetic_image, write_stripped_tiff
+
+    from pipeline.driver import build_store
+
+    path = tmp_path / "strips.tif"
+    write_stripped_tiff(path, synthetic_image(width=512, height=384, tissue_rects=[(64, 64, 256, 192)]), mpp=0.5)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\nstrips,{path}\n")
+    out = tmp_path / "s.zarr"
+    assert build_store(manifest, out, magnification=10.0, region_size=32, workers=0, progress=False).ok
+    picture = Image.open(write_qc(out, tmp_path / "qc")[0]).convert("RGB")
+    assert picture.size == (512, 384)
+    assert np.asarray(picture).min() < 200  # the slide's pixels, not the white "source not readable" canvas

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from synthetic import write_synthetic_slide
 
+from pipeline.readers import OpenSlideReader, SlideMetadata
 from pipeline.slide import (
     NoMppError,
     NotASlideError,
@@ -66,17 +67,29 @@ def test_transparent_areas_become_white_not_black(slide_file):
 
 
 class _FakeSlide:
-    def __init__(self, properties):
-        self.properties = properties
+    def __init__(self, **metadata):
+        self._metadata = SlideMetadata(**metadata)
+
+    def metadata(self):
+        return self._metadata
 
 
 def test_mpp_resolution_order():
-    both = _FakeSlide({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "openslide.objective-power": "20"})
-    assert resolve_mpp(both, 0.5) == (0.5, "manifest")
-    assert resolve_mpp(both, None) == (0.25, "slide")
-    assert resolve_mpp(_FakeSlide({"openslide.objective-power": "40"}), None) == (0.25, "objective-power")
+    every = _FakeSlide(vendor_mpp_xy=(0.25, 0.25), ome_mpp_xy=(0.3, 0.3), objective_power=20.0)
+    assert resolve_mpp(every, 0.5) == (0.5, "manifest")
+    assert resolve_mpp(every, None) == (0.25, "slide")
+    assert resolve_mpp(_FakeSlide(ome_mpp_xy=(0.3, 0.34), objective_power=20.0), None) == (0.32, "ome-physical-size")
+    assert resolve_mpp(_FakeSlide(objective_power=40.0), None) == (0.25, "objective-power")
     with pytest.raises(NoMppError, match="manifest's mpp column"):
-        resolve_mpp(_FakeSlide({"openslide.mpp-x": "0"}), None)
+        resolve_mpp(_FakeSlide(), None)
+    with pytest.raises(NoMppError, match="must be positive"):
+        resolve_mpp(every, 0.0)
+
+
+def test_openslide_properties_give_the_vendor_mpp_and_objective_power(slide_file):
+    slide = open_slide(slide_file[0])
+    assert resolve_mpp(slide, None) == (0.5, "slide")
+    assert OpenSlideReader(slide).metadata().objective_power is None
 
 
 def test_slide_without_mpp_fails_clearly(tmp_path):

@@ -119,3 +119,24 @@ def test_hsv_saturation_matches_skimage():
     reference = color.rgb2hsv(rgb)[..., 1] * 255
     assert np.abs(hsv_saturation(rgb).astype(float) - reference).max() <= 0.5 + 1e-9
     assert hsv_saturation(rgb)[0, 0] == 0
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7, 11])
+def test_median_equals_scipy_nearest(size):
+    from scipy import ndimage
+
+    from pipeline.tissue import median_nearest
+
+    image = np.random.default_rng(size).integers(0, 256, (37, 53), dtype=np.uint8)
+    image[:5] = 250  # a flat border band: the edge rule matters
+    np.testing.assert_array_equal(median_nearest(image, size), ndimage.median_filter(image, size=size, mode="nearest"))
+
+
+def test_median_in_row_bands_equals_one_pass(monkeypatch):
+    from scipy import ndimage
+
+    import pipeline.tissue as tissue
+
+    monkeypatch.setattr(tissue, "BAND_PIXELS", 9 * 53 * 4)  # 4 rows per band
+    image = np.random.default_rng(9).integers(0, 256, (37, 53), dtype=np.uint8)
+    np.testing.assert_array_equal(tissue.median_nearest(image, 3), ndimage.median_filter(image, size=3, mode="nearest"))
