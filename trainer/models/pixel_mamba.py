@@ -286,7 +286,7 @@ def _view_generators(generator: Generators, views: int) -> list[torch.Generator 
 
 
 class PixelMamba(nn.Module):
-    """The Pixel-Mamba network; ``forward(regions, generator=...) → PixelMambaOutput``."""
+    """The Pixel-Mamba network; ``forward(regions, generator=...) → PixelMambaOutput`` (a list of them with ``segments``)."""
 
     def __init__(self, config: PixelMambaConfig) -> None:
         super().__init__()
