@@ -133,7 +133,8 @@ def run_parent(args: argparse.Namespace) -> None:
         if "error" in lm or "error" in sup:
             print(f"{visible:>7} failed: {lm.get('error', '')} {sup.get('error', '')}")
             continue
-        print(f"{visible:>7} {lm['n']:>4} {lm['step_s']:12.2f} {sup['step_s']:13.2f} {lm['step_s'] / sup['step_s']:6.2f} "
+        ratio = lm["step_s"] / sup["step_s"]
+        print(f"{visible:>7} {lm['n']:>4} {lm['step_s']:12.2f} {sup['step_s']:13.2f} {ratio:6.2f} "
               f"{lm['cpu_s']:16.2f} {sup['cpu_s']:17.2f} {lm['peak_mib']:24.0f} {sup['peak_mib']:25.0f}",
               flush=True)  # fmt: skip
     if args.json:
