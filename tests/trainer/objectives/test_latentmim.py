@@ -227,7 +227,7 @@ def test_student_sees_visible_regions_and_the_frozen_teacher_the_targets() -> No
     assert not any(p.requires_grad for p in objective.teacher.parameters())
     assert all(p.grad is not None for p in objective.encoder.parameters())
     assert all(p.grad is not None for p in objective.predictor.parameters())
-    assert {"visible_cos", "target_cos", "pred_cos"} <= set(out) and math.isfinite(float(out["loss"]))
+    assert {"visible_cos", "target_cos", "pred_cos"} <= set(out) and math.isfinite(float(out["loss"].detach()))
     assert all(-1.0 <= out[k] <= 1.0 for k in ("visible_cos", "target_cos", "pred_cos"))
 
 
@@ -236,7 +236,7 @@ def test_cls_modes_and_region_fusion_switch() -> None:
     losses = {}
     for mode in ("exclude", "include", "only"):
         objective = small_objective(cls_loss=mode)
-        losses[mode] = float(objective(sample, step_ctx=step_ctx())["loss"])
+        losses[mode] = float(objective(sample, step_ctx=step_ctx())["loss"].detach())
         assert (objective.predictor.mask_token is None) == (mode == "only")
     assert len({round(v, 6) for v in losses.values()}) == 3
 
@@ -257,7 +257,8 @@ def test_positional_penalty_adds_to_the_loss() -> None:
     plain = small_objective()(sample, step_ctx=step_ctx())
     penalised = small_objective(pos_penalty=0.5)(sample, step_ctx=step_ctx())
     assert "pos_penalty" not in plain and penalised["pos_penalty"] > 0
-    assert float(penalised["loss"]) == pytest.approx(float(plain["loss"]) + 0.5 * penalised["pos_penalty"], rel=1e-5)
+    expected = float(plain["loss"].detach()) + 0.5 * penalised["pos_penalty"]
+    assert float(penalised["loss"].detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_sample_without_masks_is_refused_with_a_clear_message() -> None:
