@@ -7,7 +7,8 @@ n − v targets, predictor, loss) plus backward; the supervised step is a forwar
 backward of the same encoder (with a 2-class head) on all n regions, which is what
 `pm-train supervised` does per slide. Every (objective, v) runs in a fresh subprocess
 so its peak RSS (`ru_maxrss`) is its own; one untimed warm-up step, then the mean of
-`--repeats` timed steps. Drop path is off (a dropped block would make the timing depend
+`--repeats` timed steps (wall time, and the process's CPU time, which a busy shared
+machine disturbs less). Drop path is off (a dropped block would make the timing depend
 on the draw). On CUDA, peak memory is `torch.cuda.max_memory_allocated`.
 
     python bench/latentmim.py                              # tiny model, 32-px regions, v = 4 8 16, CPU
@@ -85,15 +86,17 @@ def run_child(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     print(json.dumps({
         "objective": args.objective, "visible": args.visible, "n": n, "step_s": sum(times) / len(times),
+        "cpu_s": sum(cpu_times) / len(cpu_times),
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mib(),
         "loss": loss, "threads": torch.get_num_threads(),
     }), flush=True)  # fmt: skip
@@ -107,8 +110,8 @@ def run_parent(args: argparse.Namespace) -> None:
         f"{args.predictor_depth}×{args.predictor_width} ({args.predictor_heads} heads), device {args.device}, "
         f"amp {args.amp}, mean of {args.repeats} step(s) after a warm-up"
     )
-    print(f"{'visible':>7} {'n':>4} {'LatentMIM s':>12} {'supervised s':>13} {'ratio':>6} "
-          f"{'LatentMIM ' + memory:>24} {'supervised ' + memory:>25}")  # fmt: skip
+    print(f"{'visible':>7} {'n':>4} {'LatentMIM s':>12} {'supervised s':>13} {'ratio':>6} {'LatentMIM cpu s':>16} "
+          f"{'supervised cpu s':>17} {'LatentMIM ' + memory:>24} {'supervised ' + memory:>25}")  # fmt: skip
     results = []
     for visible in args.visible:
         row = {}
@@ -130,8 +133,10 @@ def run_parent(args: argparse.Namespace) -> None:
         if "error" in lm or "error" in sup:
             print(f"{visible:>7} failed: {lm.get('error', '')} {sup.get('error', '')}")
             continue
-        print(f"{visible:>7} {lm['n']:>4} {lm['step_s']:12.2f} {sup['step_s']:13.2f} {lm['step_s'] / sup['step_s']:6.2f} "
-              f"{lm['peak_mib']:24.0f} {sup['peak_mib']:25.0f}", flush=True)  # fmt: skip
+        ratio = lm["step_s"] / sup["step_s"]
+        print(f"{visible:>7} {lm['n']:>4} {lm['step_s']:12.2f} {sup['step_s']:13.2f} {ratio:6.2f} "
+              f"{lm['cpu_s']:16.2f} {sup['cpu_s']:17.2f} {lm['peak_mib']:24.0f} {sup['peak_mib']:25.0f}",
+              flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

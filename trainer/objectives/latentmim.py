@@ -37,10 +37,11 @@ own query's positional embedding.
 
 Monitors (returned as step metrics, so the engine logs them): mean pairwise cosine
 similarity of the visible, target and predicted tokens (spatial tokens; CLS tokens
-in "only" mode). The predicted similarity, averaged per optimizer step over ranks,
-feeds a collapse monitor: when it stays above `collapse_threshold` for
-`collapse_window` consecutive optimizer steps a warning goes out through
-`drain_messages()` (once, re-armed when it drops below).
+in "only" mode; left out on a step where fewer than two such tokens exist). The
+predicted similarity, averaged per optimizer step over ranks, feeds a collapse
+monitor: when it stays above `collapse_threshold` for `collapse_window` consecutive
+optimizer steps a warning goes out through `drain_messages()` (once, re-armed when it
+drops below).
 
 Validation (per slide, eval mode): the objective's loss under a fixed mask (seeded by
 `val_seed` and the sample index, so epochs are comparable), and the teacher on all

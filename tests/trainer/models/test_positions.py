@@ -69,7 +69,8 @@ def test_sincos_layout_and_values() -> None:
     )  # fmt: skip
     assert emb[1].tolist() == pytest.approx(expected, abs=1e-6)
     # rows and columns are not interchangeable
-    assert not torch.allclose(sincos_embedding_2d(torch.tensor([1.0, 2.0]), dim), sincos_embedding_2d(torch.tensor([2.0, 1.0]), dim))
+    swapped = sincos_embedding_2d(torch.tensor([2.0, 1.0]), dim)
+    assert not torch.allclose(sincos_embedding_2d(torch.tensor([1.0, 2.0]), dim), swapped)
     assert sincos_embedding_2d(torch.zeros(3, 5, 2), 8).shape == (3, 5, 8)
 
 

@@ -141,7 +141,7 @@ def test_loss_matches_the_slow_formula_in_value_and_gradient() -> None:
     pred64 = pred.detach().clone().requires_grad_(True)
     slow = slow_patch_discrimination(pred64, target, 0.2)
     (grad_slow,) = torch.autograd.grad(slow, pred64)
-    assert float(fast) == pytest.approx(float(slow), rel=1e-5)
+    assert float(fast.detach()) == pytest.approx(float(slow.detach()), rel=1e-5)
     assert torch.allclose(grad_fast.double(), grad_slow, rtol=1e-4, atol=1e-6)
 
 
@@ -224,7 +224,7 @@ def test_student_sees_visible_regions_and_the_frozen_teacher_the_targets() -> No
     assert not any(p.requires_grad for p in objective.teacher.parameters())
     assert all(p.grad is not None for p in objective.encoder.parameters())
     assert all(p.grad is not None for p in objective.predictor.parameters())
-    assert {"visible_cos", "target_cos", "pred_cos"} <= set(out) and math.isfinite(float(out["loss"]))
+    assert {"visible_cos", "target_cos", "pred_cos"} <= set(out) and math.isfinite(float(out["loss"].detach()))
     assert all(-1.0 <= out[k] <= 1.0 for k in ("visible_cos", "target_cos", "pred_cos"))
 
 
@@ -233,7 +233,7 @@ def test_cls_modes_and_region_fusion_switch() -> None:
     losses = {}
     for mode in ("exclude", "include", "only"):
         objective = small_objective(cls_loss=mode)
-        losses[mode] = float(objective(sample, step_ctx=step_ctx())["loss"])
+        losses[mode] = float(objective(sample, step_ctx=step_ctx())["loss"].detach())
         assert (objective.predictor.mask_token is None) == (mode == "only")
     assert len({round(v, 6) for v in losses.values()}) == 3
 
@@ -254,7 +254,8 @@ def test_positional_penalty_adds_to_the_loss() -> None:
     plain = small_objective()(sample, step_ctx=step_ctx())
     penalised = small_objective(pos_penalty=0.5)(sample, step_ctx=step_ctx())
     assert "pos_penalty" not in plain and penalised["pos_penalty"] > 0
-    assert float(penalised["loss"]) == pytest.approx(float(plain["loss"]) + 0.5 * penalised["pos_penalty"], rel=1e-5)
+    expected = float(plain["loss"].detach()) + 0.5 * penalised["pos_penalty"]
+    assert float(penalised["loss"].detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_sample_without_masks_is_refused_with_a_clear_message() -> None:
