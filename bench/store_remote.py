@@ -1,10 +1,11 @@
 """Benchmark: a store served over HTTP and S3 (loopback) vs local disk; staging and verify speed.
 
 Cohort: `--slides` slides of `--regions` real-tissue 224×224 regions (crops of the sample
-slide), one store per codec (`none`, `jpeg`). Servers run in this process on 127.0.0.1:
-a static HTTP server with byte-range support (as nginx or any object store serves files)
-and moto's S3 server. Every figure is one process, warm caches, on the loopback
-interface: it measures the protocol and client overhead, not a network.
+slide), one store per codec (`none`, `jpeg`). Servers run in their own processes on
+127.0.0.1 (so they do not share the client's GIL): a static HTTP server with byte-range
+support (as nginx or any object store serves files) and moto's S3 server (`python -m
+moto.server`, an in-memory Python emulator: far slower per request than real S3). Warm
+caches, loopback interface: it measures protocol and client overhead, not a network.
 
 - loader: `TileStoreDataset` samples (decoded uint8 tensors), shuffled, ≤ `--seconds` per row;
 - stage: `pm-tiles stage` of the jpeg store to local disk, kept (`jpeg`) and transcoded (`--codec none`);
@@ -22,7 +23,6 @@ import platform
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -119,31 +119,45 @@ def loader_rate(url: str, seconds: float, storage_options=None) -> tuple[float, 
     return slides / elapsed, regions / elapsed, regions * R * R * 3 / 1e6 / elapsed
 
 
+def serve_http(folder: str, port: int) -> None:
+    handler = lambda *a, **k: RangeHandler(*a, directory=folder, **k)  # noqa: E731
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"no server on port {port}")
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-http":
+        serve_http(sys.argv[2], int(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=int, default=16)
     parser.add_argument("--regions", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--slide", default="data/sample/cmu_small_region.svs")
     args = parser.parse_args()
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    import subprocess
 
     crops = tissue_crops(args.slide, 64)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         stores = {codec: build_cohort(root, codec, crops, args.slides, args.regions) for codec in ("none", "jpeg")}
         sizes = {codec: sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) for codec, store in stores.items()}
-        handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)  # noqa: E731
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        http_base = f"http://127.0.0.1:{httpd.server_address[1]}"
-        port = free_port()
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        moto.start()
+        http_port, port = free_port(), free_port()
+        httpd = subprocess.Popen([sys.executable, __file__, "--serve-http", str(root), str(http_port)])
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(http_port)
+        wait_for_port(port)
+        http_base = f"http://127.0.0.1:{http_port}"
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                           AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
         import s3fs
@@ -176,8 +190,9 @@ def main() -> None:
                     verify_rows.append((codec, where, report.bytes_read / 1e6 / report.seconds,
                                         report.n_slides / report.seconds))
         finally:
-            moto.stop()
-            httpd.shutdown()
+            for server in (moto, httpd):
+                server.terminate()
+                server.wait(timeout=30)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"{args.slides} slides × {args.regions} regions of {R}×{R} px; stores: none {sizes['none'] / 1e6:.1f} MB, "
           f"jpeg {sizes['jpeg'] / 1e6:.1f} MB")

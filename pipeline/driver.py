@@ -31,6 +31,7 @@ from pipeline.manifest import ManifestRow, load_manifest
 from pipeline.process import ProcessSettings, SlideResult, file_sha256, process_slide
 from pipeline.schema.codecs import codec_settings
 from pipeline.schema.commit import reconcile, temp_group_name
+from pipeline.schema.errors import NotATileStoreError
 from pipeline.schema.format import (
     MAGNIFICATION_TO_MPP,
     SLIDES_GROUP,
@@ -204,7 +205,7 @@ def build_store(
     with build_lock(store_path, use_flock=use_flock) as writer:
         try:
             existing = read_store_attrs(store_path)
-        except Exception:  # noqa: BLE001 — no store yet (or an interrupted creation): create it
+        except NotATileStoreError:  # no store yet, or an interrupted creation: create_store finishes it
             existing = None
         attrs = create_store(store_path, resolve_store_attrs(
             existing, magnification=magnification, mpp=mpp, codec=codec, codec_options=codec_options,

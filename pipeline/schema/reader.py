@@ -204,12 +204,11 @@ class TileStore:
         """
         self._record(slide_id)
         base = f"{SLIDES_GROUP}/{slide_id}"
-        fetched = self._prefetch(base) if not self.is_local and whole is not False else None
         try:
-            small = {name: self._small_array(f"{base}/{name}", fetched) for name in (COORDS, ORIGIN, FOREGROUND)}
+            small = {name: self._small_array(f"{base}/{name}") for name in (COORDS, ORIGIN, FOREGROUND)}
             regions = self._memmap_regions(base) if self.is_local else None
-            if regions is None and fetched is not None:
-                regions = self._fetched_regions(f"{base}/{REGIONS}", fetched)
+            if regions is None and not self.is_local and whole is not False:
+                regions = self._fetched_regions(f"{base}/{REGIONS}")
             if regions is None:
                 regions = zarr.open_array(self._zarr_store, path=f"{base}/{REGIONS}", mode="r", zarr_format=3)
         except FileNotFoundError as error:
@@ -221,25 +220,10 @@ class TileStore:
             foreground=small[FOREGROUND], load_attrs=functools.partial(self.slide_attrs, slide_id),
         )
 
-    def _prefetch(self, base: str) -> dict[str, bytes | None]:
-        """Every file a slide read needs (each array's `zarr.json` and its one chunk or shard),
-        fetched in one concurrent batch (fsspec's async `cat` for http/s3): one round trip
-        per slide instead of one per file. Absent files map to None."""
-        ndims = {REGIONS: 4, COORDS: 2, ORIGIN: 2, FOREGROUND: 1}
-        keys = [f"{base}/{name}/{leaf}" for name, ndim in ndims.items()
-                for leaf in ("zarr.json", "c/" + "/".join("0" * ndim))]
-        found = self._fs.cat([self._path(k) for k in keys], on_error="return")
-        return {k: (v if isinstance(v, bytes) else None) for k, v in zip(keys, (found[self._path(k)] for k in keys))}
-
-    def _cached_bytes(self, key: str, fetched: dict[str, bytes | None] | None) -> bytes | None:
-        if fetched is not None and key in fetched:
-            return fetched[key]
-        return self._read_bytes(key)
-
-    def _fetched_regions(self, key: str, fetched: dict[str, bytes | None] | None = None) -> zarr.Array | None:
-        """The regions array decoded from an in-memory copy of its stored files (`zarr.json`
-        and the chunk or shard); None when its layout is not one chunk file."""
-        metadata = self._cached_bytes(f"{key}/zarr.json", fetched)
+    def _fetched_regions(self, key: str) -> zarr.Array | None:
+        """The regions array decoded from an in-memory copy of its stored files (one GET for
+        `zarr.json`, one for the chunk or shard); None when its layout is not one chunk file."""
+        metadata = self._read_bytes(f"{key}/zarr.json")
         if metadata is None:
             raise FileNotFoundError(f"{key}/zarr.json")
         meta = json.loads(metadata)
@@ -248,18 +232,17 @@ class TileStore:
         if grid is None or list(grid) != list(shape) or not all(shape):
             return None  # more than one chunk file (not what this writer makes), or empty
         chunk_key = "c/" + "/".join("0" * len(shape))
-        data = self._cached_bytes(f"{key}/{chunk_key}", fetched)
+        data = self._read_bytes(f"{key}/{chunk_key}")
         if data is None:
             raise FileNotFoundError(f"{key}/{chunk_key}")
         memory = MemoryStore(store_dict={"zarr.json": _buffer(metadata), chunk_key: _buffer(data)}, read_only=True)
         return zarr.open_array(memory, mode="r", zarr_format=3)
 
-    def _raw_chunk_layout(self, key: str, fetched: dict[str, bytes | None] | None = None
-                          ) -> tuple[np.dtype, tuple[int, ...], str] | None:
+    def _raw_chunk_layout(self, key: str) -> tuple[np.dtype, tuple[int, ...], str] | None:
         """(dtype, shape, chunk key) when the array at `key` is exactly one uncompressed chunk
         (bytes codec only, default "/" chunk keys), so its chunk file is the raw C-order
         array; None for any other layout."""
-        meta = json.loads(self._cached_bytes(f"{key}/zarr.json", fetched) or b"{}")
+        meta = json.loads(self._read_bytes(f"{key}/zarr.json") or b"{}")
         shape = tuple(meta.get("shape", ()))
         codecs = meta.get("codecs") or []
         grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
@@ -274,13 +257,13 @@ class TileStore:
         dtype = np.dtype(meta["data_type"]).newbyteorder("<" if little else ">")
         return dtype, shape, f"{key}/c/" + "/".join("0" * len(shape))
 
-    def _small_array(self, key: str, fetched: dict[str, bytes | None] | None = None) -> np.ndarray:
+    def _small_array(self, key: str) -> np.ndarray:
         """A small array (coords, origin, foreground) read as raw bytes when it is one raw chunk:
         one small read instead of zarr's round trips (~0.1 ms instead of ~1 ms an array)."""
-        layout = self._raw_chunk_layout(key, fetched)
+        layout = self._raw_chunk_layout(key)
         if layout is not None:
             dtype, shape, chunk_key = layout
-            data = self._cached_bytes(chunk_key, fetched)
+            data = self._read_bytes(chunk_key)
             if data is not None and len(data) == dtype.itemsize * int(np.prod(shape)):
                 return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
         return zarr.open_array(self._zarr_store, path=key, mode="r", zarr_format=3)[...]
