@@ -180,3 +180,18 @@ def probe_metrics(
             return {}
         flat.update({f"{method}_{name}": value for name, value in result.mean.items()})
     return flat
+
+
+def probe_validation_metrics(records: list[dict], *, config: ProbeConfig = ProbeConfig()) -> dict[str, float]:
+    """Linear-probe and kNN metrics for an SSL objective's periodic validation.
+
+    records: the objective's validation records, each with "embedding" (C floats) and "label"
+    (class id, -1 = unlabelled). Cross-validated on the labelled validation slides alone
+    (stratified folds, clamped to the data); {} when fewer than two classes can be split.
+    """
+    labelled = [r for r in records if int(r.get("label", -1)) >= 0]
+    labels = np.array([int(r["label"]) for r in labelled], dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        return {}
+    embeddings = np.stack([np.asarray(r["embedding"], dtype=np.float64) for r in labelled])
+    return probe_metrics(embeddings, labels, num_classes=int(labels.max()) + 1, config=config)

@@ -52,6 +52,7 @@ from trainer.data.view_augment import augment_view
 from trainer.data.views import MultiCropPreparer, View, ViewConfig, make_views
 from trainer.schedules import CosineSchedule
 from trainer.eval.metrics import mean_pairwise_cosine, rankme
+from trainer.eval.probe import probe_validation_metrics
 from trainer.objectives.base import HookContext, Objective, StepContext, TrainingPlan, make_teacher
 
 
@@ -70,6 +71,8 @@ class DinoConfig:
     monitor_window: slides per RankMe / mean-cosine window of training slide embeddings.
     collapse_cosine, collapse_rankme: warn when a window's mean cosine is above / RankMe below these.
     val_seed: seed of the validation views (per slide: val_seed + index).
+    probe_validation: also cross-validate a linear probe and kNN on the labelled validation
+      slides' teacher embeddings (`trainer.eval.probe`; metrics linear_*/knn_*, skipped when unlabelled).
     eval_regions: validate on at most this many regions per slide (evenly spaced in grid
         order, the same every time; 0 = all) — a CPU-demo cap like supervised's.
     """
@@ -92,6 +95,7 @@ class DinoConfig:
     collapse_cosine: float = 0.95
     collapse_rankme: float = 1.5
     val_seed: int = 12345
+    probe_validation: bool = True
     eval_regions: int = 0
     views: ViewConfig = field(default_factory=ViewConfig)
 
@@ -370,6 +374,7 @@ class DinoObjective(Objective):
             "slide_id": str(sample.get("slide_id", "")),
             "loss": float(loss),
             "embedding": embedding.tolist(),
+            "label": int(sample.get("label", -1)),
         }
 
     def validation_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -379,5 +384,7 @@ class DinoObjective(Objective):
         metrics = {"loss": float(np.mean([r["loss"] for r in records])), "rankme": rankme(embeddings)}
         if len(records) > 1:
             metrics["mean_cosine"] = mean_pairwise_cosine(embeddings)
+        if self.config.probe_validation:
+            metrics.update(probe_validation_metrics(records))
         return metrics
 

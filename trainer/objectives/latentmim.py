@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from trainer.schedules import CosineSchedule
 from trainer.eval.metrics import mean_pairwise_cosine, rankme
+from trainer.eval.probe import probe_validation_metrics
 from trainer.models.positions import token_positions
 from trainer.objectives.base import HookContext, Objective, StepContext, TrainingPlan, make_teacher
 from trainer.objectives.latentmim_predictor import LatentMIMPredictor, PredictorConfig
@@ -90,6 +91,8 @@ class LatentMIMConfig:
       cosine stays above the threshold for this many optimizer steps (window 0 = off).
     eval_regions: at most this many evenly spaced regions per validation slide (0 = all).
     val_seed: seed of the fixed validation masks.
+    probe_validation: also cross-validate a linear probe and kNN on the labelled validation
+      slides' teacher embeddings (`trainer.eval.probe`; metrics linear_*/knn_*, skipped when unlabelled).
     """
 
     mask_ratio: float = 0.75
@@ -105,6 +108,7 @@ class LatentMIMConfig:
     collapse_window: int = 50
     eval_regions: int = 0
     val_seed: int = 0
+    probe_validation: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -384,7 +388,7 @@ class LatentMIMObjective(Objective):
             values = values[np.isfinite(values)]
             return float(values.mean()) if values.size else float("nan")
 
-        return {
+        metrics = {
             "loss": mean_of("loss"),
             "slide_rankme": rankme(embeddings),
             "slide_cos": mean_pairwise_cosine(embeddings),
@@ -393,3 +397,6 @@ class LatentMIMObjective(Objective):
             "token_rankme": mean_of("token_rankme"),
             "token_cos": mean_of("token_cos"),
         }
+        if self.config.probe_validation:
+            metrics.update(probe_validation_metrics(records))
+        return metrics

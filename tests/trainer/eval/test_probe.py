@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.eval.probe import ProbeConfig, ProbeError, cross_validate, plan_folds, probe_metrics
+from trainer.eval.probe import ProbeConfig, ProbeError, cross_validate, plan_folds, probe_metrics, probe_validation_metrics
 
 
 def planted(n_per_class: int = 40, classes: int = 3, dim: int = 16, signal: float = 2.0, seed: int = 0):
@@ -65,3 +65,14 @@ def test_probe_metrics_for_the_training_loop() -> None:
     assert set(metrics) == {"linear_accuracy", "linear_balanced_accuracy", "knn_accuracy", "knn_balanced_accuracy"}
     assert metrics["linear_balanced_accuracy"] > 0.9
     assert probe_metrics(x, np.zeros(len(y), dtype=int)) == {}  # one class: nothing to report
+
+
+def test_ssl_validation_records_get_probe_metrics_only_when_labelled() -> None:
+    x, y, _ = planted(n_per_class=20, classes=2)
+    records = [{"embedding": row.tolist(), "label": int(label)} for row, label in zip(x, y)]
+    metrics = probe_validation_metrics(records)
+    assert metrics["linear_balanced_accuracy"] > 0.75 and metrics["knn_balanced_accuracy"] > 0.75
+    assert "linear_qwk" not in metrics  # SSL validation does not know the labels are ordinal
+    unlabelled = [{**r, "label": -1} for r in records]
+    assert probe_validation_metrics(unlabelled) == {}
+    assert probe_validation_metrics([r for r in records if r["label"] == 0]) == {}  # one class: nothing to probe
