@@ -88,7 +88,7 @@ def write_table(store_path: str | os.PathLike, table: SlideTable) -> None:
     finally:
         if aside.exists():
             aside.unlink()
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def temp_group_name(slide_id: str) -> str:
@@ -119,7 +119,7 @@ def commit_group(store_path: str | os.PathLike, temp_name: str, slide_id: str) -
             os.rename(source, target)
     else:
         os.rename(source, target)
-    _fsync_dir(slides)
+    fsync_dir(slides)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -288,7 +288,8 @@ def fsync_file(handle: IO[Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

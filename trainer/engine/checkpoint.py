@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.schema.commit import fsync_dir  # the one durable-rename helper both halves use
+
 CHECKPOINT_FORMAT = "pixel-mamba-checkpoint"
 CHECKPOINT_VERSION = 1
 LAST = "last.pt"
@@ -112,20 +114,6 @@ def atomic_save(payload: dict[str, Any], path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_copy(source: str | Path, target: str | Path) -> Path:
