@@ -185,11 +185,22 @@ def tissue_mask(slide, mpp0: float, settings: TissueSettings) -> TissueMask:
     px_area = mask_mpp * mask_mpp
     min_object = round(settings.min_object_um2 / px_area)
     max_hole = round(settings.max_hole_um2 / px_area)
-    mask = _drop_small_components(mask, min_object)
-    # The padding joins all background touching the border into one big component: not a hole.
-    background = np.pad(~mask, 1, constant_values=True)
-    mask = ~_drop_small_components(background, max_hole)[1:-1, 1:-1]
+    mask = _fill_small_holes(_drop_small_components(mask, min_object), max_hole)
     return TissueMask(mask=mask, downsample=downsample, mpp=mask_mpp)
+
+
+def _fill_small_holes(mask: np.ndarray, max_pixels: int) -> np.ndarray:
+    """`mask` with its holes of at most `max_pixels` pixels filled. A hole is an 8-connected
+    background component that does not reach the border: the background around the tissue is
+    never one, however small the slide (a blank thumbnail must stay blank)."""
+    if max_pixels <= 0:
+        return mask
+    framed = np.pad(~mask, 1, constant_values=True)  # the frame joins all border background
+    labels, _ = ndimage.label(framed, structure=np.ones((3, 3), bool))
+    small = np.bincount(labels.ravel()) <= max_pixels
+    small[0] = False
+    small[labels[0, 0]] = False
+    return mask | small[labels][1:-1, 1:-1]
 
 
 def _drop_small_components(mask: np.ndarray, max_pixels: int) -> np.ndarray:

@@ -140,3 +140,14 @@ def test_median_in_row_bands_equals_one_pass(monkeypatch):
     monkeypatch.setattr(tissue, "BAND_PIXELS", 9 * 53 * 4)  # 4 rows per band
     image = np.random.default_rng(9).integers(0, 256, (37, 53), dtype=np.uint8)
     np.testing.assert_array_equal(tissue.median_nearest(image, 3), ndimage.median_filter(image, size=3, mode="nearest"))
+
+
+@pytest.mark.parametrize("rects", [[], [(8, 8, 40, 40)]])
+def test_a_slide_smaller_than_the_largest_hole_keeps_its_background(tmp_path, rects):
+    # 64² px at 1 µm/px is a 16² mask: its whole background (≤ 256 px) is below max_hole_um2's
+    # 250 px, but background that reaches the border is never a hole to fill.
+    path = tmp_path / "small.tif"
+    write_synthetic_slide(path, width=64, height=64, mpp=MPP, tissue_rects=rects, levels=(1,), tile=64)
+    tissue = segment_tissue(open_slide(path), MPP, TissueSettings(min_object_um2=0.0))
+    assert tissue.area < 0.6 * 64 * 64
+    assert tissue.is_empty == (not rects)
