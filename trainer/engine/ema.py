@@ -5,6 +5,10 @@ lists its pairs (`Objective.ema_pairs()`) and a schedule named "ema_momentum";
 the engine checks the pairs once (`check_ema_pairs`) and calls `ema_update`
 with the schedule's value at the step just taken. Floating-point parameters and
 buffers are averaged; integer buffers (counters) are copied from the student.
+Non-persistent buffers (constants such as PixelMamba's pixel_mean / pixel_std)
+are left alone: the checkpoint does not hold them, so averaging them (m·x + (1−m)·x
+is not always x in floating point) would give the teacher a state a resume cannot
+restore.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ class EMAPairError(ValueError):
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters()) + list(module.named_buffers())
+    """Parameters and the buffers the state_dict holds (non-persistent buffers left out)."""
+    return list(module.state_dict(keep_vars=True).items())
 
 
 def check_ema_pairs(pairs: Iterable[tuple[nn.Module, nn.Module]], optimised: set[int]) -> None:

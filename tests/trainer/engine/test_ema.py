@@ -39,6 +39,19 @@ def test_update_is_exact_over_parameters_and_buffers() -> None:
         ema_update([(teacher, student)], 1.5)
 
 
+def test_non_persistent_buffers_are_left_alone() -> None:
+    """They are not in the checkpoint: averaging them (m·x + (1−m)·x ≠ x in float) breaks exact resume."""
+    student = WithBuffers()
+    student.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]), persistent=False)
+    teacher = make_teacher(student)
+    before = teacher.mean.clone()
+    with torch.no_grad():
+        student.mean.add_(1.0)
+    for _ in range(5):
+        ema_update([(teacher, student)], 0.996)
+    assert torch.equal(teacher.mean, before)
+
+
 def test_pairs_that_cannot_be_averaged_are_refused() -> None:
     student = WithBuffers()
     with pytest.raises(EMAPairError, match="differ by name"):
