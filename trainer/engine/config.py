@@ -195,6 +195,12 @@ def _coerce(hint: Any, value: Any, *, where: str) -> Any:
             return tuple(value)
         if option is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+    scalars = (int, float, str, bool, type(None))
+    if options and all(option in scalars for option in options) and not any(
+        isinstance(value, option) and not (option is int and isinstance(value, bool)) for option in options
+    ):
+        expected = " or ".join("none" if option is type(None) else option.__name__ for option in options)
+        raise RecipeError(f"{where}: expected {expected}, got {value!r}")
     return value
 
 

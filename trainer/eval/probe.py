@@ -182,6 +182,12 @@ def probe_metrics(
     return flat
 
 
+PROBE_VALIDATION_METRICS = frozenset(
+    f"{method}_{name}" for method in ("linear", "knn") for name in ("accuracy", "balanced_accuracy")
+)
+"""What `probe_validation_metrics` can return (no QWK: SSL validation does not know if labels are ordinal)."""
+
+
 def probe_validation_metrics(records: list[dict], *, config: ProbeConfig = ProbeConfig()) -> dict[str, float]:
     """Linear-probe and kNN metrics for an SSL objective's periodic validation.
 

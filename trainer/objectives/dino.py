@@ -52,7 +52,7 @@ from trainer.data.view_augment import augment_view
 from trainer.data.views import MultiCropPreparer, View, ViewConfig, make_views
 from trainer.schedules import CosineSchedule
 from trainer.eval.metrics import mean_pairwise_cosine, rankme
-from trainer.eval.probe import probe_validation_metrics
+from trainer.eval.probe import PROBE_VALIDATION_METRICS, probe_validation_metrics
 from trainer.objectives.base import HookContext, Objective, StepContext, TrainingPlan, make_teacher
 
 
@@ -196,7 +196,7 @@ class DinoObjective(Objective):
     requires_labels = False
     export_source = "teacher"
     has_validation = True
-    default_best_metric = "rankme"
+    default_best_metric = None  # SSL: best.pt only for a metric the user names (--best-metric)
     best_mode = "max"
 
     def __init__(self, encoder: nn.Module, *, config: DinoConfig) -> None:
@@ -376,6 +376,12 @@ class DinoObjective(Objective):
             "embedding": embedding.tolist(),
             "label": int(sample.get("label", -1)),
         }
+
+    def validation_metric_names(self) -> set[str]:
+        names = {"loss", "rankme", "mean_cosine"}
+        if self.config.probe_validation:
+            names |= PROBE_VALIDATION_METRICS
+        return names
 
     def validation_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         if not records:

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from trainer.schedules import CosineSchedule
 from trainer.eval.metrics import mean_pairwise_cosine, rankme
-from trainer.eval.probe import probe_validation_metrics
+from trainer.eval.probe import PROBE_VALIDATION_METRICS, probe_validation_metrics
 from trainer.models.positions import token_positions
 from trainer.objectives.base import HookContext, Objective, StepContext, TrainingPlan, make_teacher
 from trainer.objectives.latentmim_predictor import LatentMIMPredictor, PredictorConfig
@@ -377,6 +377,12 @@ class LatentMIMObjective(Objective):
             region_rankme=rankme(full.cls_tokens),
         )
         return record
+
+    def validation_metric_names(self) -> set[str]:
+        names = {"loss", "slide_rankme", "slide_cos", "region_rankme", "region_cos", "token_rankme", "token_cos"}
+        if self.config.probe_validation:
+            names |= PROBE_VALIDATION_METRICS
+        return names
 
     def validation_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         if not records:

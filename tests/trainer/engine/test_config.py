@@ -49,3 +49,10 @@ def test_errors_name_the_problem(tmp_path) -> None:
 def test_loop_values_that_would_break_a_run_are_refused(key, value, message) -> None:
     with pytest.raises(RecipeError, match=message):
         section({"loop": {key: value}}, "loop", LoopConfig)
+
+
+@pytest.mark.parametrize("key, value, expected", [("seed", "abc", "int"), ("epochs", "abc", "int"),
+                                                  ("amp", 3, "str")])
+def test_a_value_of_the_wrong_type_names_the_field(key, value, expected) -> None:
+    with pytest.raises(RecipeError, match=f"expected {expected}"):
+        section({"loop": {key: value}}, "loop", LoopConfig)

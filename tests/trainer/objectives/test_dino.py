@@ -259,6 +259,8 @@ def test_validation_is_deterministic_and_reports_embedding_metrics():
     assert again["loss"] == records[0]["loss"] and again["embedding"] == records[0]["embedding"]
     metrics = objective.validation_metrics(records)
     assert set(metrics) == {"loss", "rankme", "mean_cosine"}
+    names = objective.validation_metric_names()  # a mistyped --best-metric is refused at start-up
+    assert set(metrics) <= names and "linear_balanced_accuracy" in names and "rankme_slide" not in names
     assert all(math.isfinite(v) for v in metrics.values()) and 1.0 <= metrics["rankme"] <= 3.0
 
 

@@ -324,6 +324,8 @@ def test_validation_loss_is_deterministic_and_metrics_are_complete() -> None:
     assert set(metrics) == {"loss", "slide_rankme", "slide_cos", "region_rankme", "region_cos", "token_rankme",
                             "token_cos"}
     assert 1.0 <= metrics["slide_rankme"] <= 3.0 and -1.0 <= metrics["slide_cos"] <= 1.0
+    names = objective.validation_metric_names()  # a mistyped --best-metric is refused at start-up
+    assert set(metrics) <= names and "knn_balanced_accuracy" in names and "rankme" not in names
     assert metrics["loss"] == pytest.approx(np.mean([r["loss"] for r in records]))
 
 
