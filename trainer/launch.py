@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,7 @@ def prepare_run(
     torch.manual_seed(loop_cfg.seed)
     label_map = resume.get("label_map") if resume else None
     requires_labels = _requires_labels(spec)
+    data_cfg = _with_objective_floor(data_cfg, spec, notes)
     if data_cfg.stores():
         train_ds, val_ds, region_size, mpp = store_datasets(data_cfg, label_map, requires_labels, notes)
     else:
@@ -224,6 +225,19 @@ def prepare_run(
         trainer=trainer, train_size=len(train_ds), val_size=len(val_ds) if val_ds is not None else 0,
         model_name=model_name, notes=notes,
     )
+
+
+def _with_objective_floor(cfg: DataConfig, spec: ObjectiveSpec, notes: list[str]) -> DataConfig:
+    """`cfg` with `min_regions` raised to what the objective needs (LatentMIM: a visible and a
+    target region), so a too-small slide is filtered before training, never met inside a step."""
+    needed = int(getattr(getattr(spec, "objective_cls", None), "min_regions", 1))
+    if cfg.precrop_regions and cfg.precrop_regions < needed:
+        raise LaunchError(f"{spec.name} needs at least {needed} regions per slide; --precrop-regions "
+                          f"{cfg.precrop_regions} would leave fewer")
+    if cfg.min_regions >= needed:
+        return cfg
+    notes.append(f"{spec.name} needs slides of at least {needed} regions: min_regions {cfg.min_regions} → {needed}")
+    return replace(cfg, min_regions=needed)
 
 
 def _requires_labels(spec: ObjectiveSpec) -> bool:

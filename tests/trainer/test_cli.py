@@ -315,3 +315,17 @@ def test_image_folder_micro_batches_count_samples(tmp_path) -> None:
     bad = run("--image-folder", str(tmp_path / "train"), "--out", str(tmp_path / "bad"), "--config", str(recipe),
               *FAST, "--accum", "3", "--batch-size", "2")
     assert bad.exit_code != 0 and "must be a multiple of" in bad.output
+
+
+def test_an_objectives_minimum_slide_size_raises_the_region_floor() -> None:
+    from trainer.engine.config import DataConfig
+    from trainer.launch import LaunchError, _with_objective_floor
+    from trainer.objectives import OBJECTIVES
+
+    spec = OBJECTIVES["latentmim"]()  # a visible and a target region: 2 at least
+    notes: list[str] = []
+    assert _with_objective_floor(DataConfig(store="s", min_regions=1), spec, notes).min_regions == 2
+    assert notes and "min_regions 1 → 2" in notes[0]
+    assert _with_objective_floor(DataConfig(store="s", min_regions=4), spec, []).min_regions == 4
+    with pytest.raises(LaunchError, match="--precrop-regions 1"):
+        _with_objective_floor(DataConfig(store="s", precrop_regions=1), spec, [])

@@ -63,6 +63,7 @@ def _latentmim_spec() -> ObjectiveSpec:
         name="latentmim",
         config_cls=LatentMIMConfig,
         build=lambda encoder, config, context: LatentMIMObjective(encoder, config=config),
+        objective_cls=LatentMIMObjective,
         summary="LatentMIM: predict the EMA teacher's masked-region tokens from the visible regions "
         "(patch-discrimination InfoNCE within a slide; thesis §3.2).",
     )
@@ -75,6 +76,7 @@ def _dino_spec() -> ObjectiveSpec:
         name="dino",
         config_cls=DinoConfig,
         build=lambda encoder, config, context: DinoObjective(encoder, config=config),
+        objective_cls=DinoObjective,
         summary="DINO self-distillation over 2 global + N local slide views (EMA teacher; RankMe monitor).",
     )
 
