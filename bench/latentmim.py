@@ -25,11 +25,9 @@ import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import time
 
-CHILD_FLAG = "--child"
+from child_process import child_args, run_in_child
 
 
 def _rss_mib() -> float:
@@ -118,16 +116,7 @@ def run_parent(args: argparse.Namespace) -> None:
         for objective in ("latentmim", "supervised"):
             spec = {k: v for k, v in vars(args).items() if k not in ("visible", "json", "timeout")}
             spec.update(objective=objective, visible=visible)
-            cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, json.dumps(spec)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                row[objective] = {"error": f"timed out after {args.timeout} s"}
-                continue
-            if proc.returncode != 0:
-                row[objective] = {"error": proc.stderr[-1500:]}
-                continue
-            row[objective] = json.loads(proc.stdout.strip().splitlines()[-1])
+            row[objective] = run_in_child(__file__, spec, args.timeout)
         results.append({"visible": visible, **row})
         lm, sup = row["latentmim"], row["supervised"]
         if "error" in lm or "error" in sup:
@@ -143,8 +132,9 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == CHILD_FLAG:
-        run_child(argparse.Namespace(**json.loads(sys.argv[2])))
+    child = child_args()
+    if child is not None:
+        run_child(child)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pixel_mamba_tiny", help="registered model name")

@@ -18,11 +18,9 @@ import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import time
 
-CHILD_FLAG = "--child"
+from child_process import child_args, run_in_child
 
 
 def _rss_mib() -> float:
@@ -103,18 +101,11 @@ def run_parent(args: argparse.Namespace) -> None:
         for n in args.regions:
             spec = {"model": args.model, "n": n, "fusion": fusion, "backend": args.backend, "region_size": args.region_size,
                     "checkpoint_layers": args.checkpoint_layers}  # fmt: skip
-            cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, json.dumps(spec)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                print(f"{fusion:>6} {n:>3}  timed out after {args.timeout} s")
-                results.append({"n": n, "fusion": fusion, "timed_out_s": args.timeout})
+            rec = run_in_child(__file__, spec, args.timeout)
+            if "error" in rec:
+                print(f"{fusion:>6} {n:>3}  failed: {rec['error']}")
+                results.append({"n": n, "fusion": fusion, **rec})
                 continue
-            if proc.returncode != 0:
-                print(f"{fusion:>6} {n:>3}  failed:\n{proc.stderr[-2000:]}")
-                results.append({"n": n, "fusion": fusion, "error": proc.stderr[-500:]})
-                continue
-            rec = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(rec)
             print(
                 f"{fusion:>6} {n:>3} {rec['backend']:>7} {rec['forward_s']:8.2f} {rec['backward_s']:8.2f} "
@@ -133,8 +124,9 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == CHILD_FLAG:
-        run_child(argparse.Namespace(**json.loads(sys.argv[2])))
+    child = child_args()
+    if child is not None:
+        run_child(child)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pixel_mamba_6m", help="registered model name")

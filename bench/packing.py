@@ -32,11 +32,10 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-CHILD_FLAG = "--child"
+from child_process import child_args, run_in_child
+
 DINO_VIEWS = [8, 7, 2, 3, 2, 3, 2, 3]  # 2 global + 6 local views, regions per view
 MODES = ("separate", "packed")
 
@@ -99,17 +98,6 @@ def run_child(args: argparse.Namespace) -> None:
     print(json.dumps(out), flush=True)
 
 
-def _run(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run_parent(args: argparse.Namespace) -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
@@ -121,9 +109,9 @@ def run_parent(args: argparse.Namespace) -> None:
     for backend in args.backends:
         base = {"model": args.model, "region_size": args.region_size, "views": args.views, "backend": backend,
                 "steps": args.steps}  # fmt: skip
-        row = {"time": _run({**base, "task": "time"}, args.timeout)}
+        row = {"time": run_in_child(__file__, {**base, "task": "time"}, args.timeout)}
         for mode in MODES:
-            row[mode] = _run({**base, "task": "memory", "mode": mode}, args.timeout)
+            row[mode] = run_in_child(__file__, {**base, "task": "memory", "mode": mode}, args.timeout)
         results.append({"backend": backend, **row})
         bad = [k for k in row if "error" in row[k]]
         if bad:
@@ -144,8 +132,9 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == CHILD_FLAG:
-        run_child(argparse.Namespace(**json.loads(sys.argv[2])))
+    child = child_args()
+    if child is not None:
+        run_child(child)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pixel_mamba_tiny", help="registered model name")
