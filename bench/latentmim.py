@@ -27,7 +27,7 @@ import platform
 import resource
 import time
 
-from child_process import child_args, run_in_child
+from child_process import run_in_child, script_main, write_results
 
 
 def _rss_mib() -> float:
@@ -126,19 +126,10 @@ def run_parent(args: argparse.Namespace) -> None:
         print(f"{visible:>7} {lm['n']:>4} {lm['step_s']:12.2f} {sup['step_s']:13.2f} {ratio:6.2f} "
               f"{lm['cpu_s']:16.2f} {sup['cpu_s']:17.2f} {lm['peak_mib']:24.0f} {sup['peak_mib']:25.0f}",
               flush=True)  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_results(args.json, results)
 
 
-def main() -> None:
-    child = child_args()
-    if child is not None:
-        run_child(child)
-        return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="pixel_mamba_tiny", help="registered model name")
-    p.add_argument("--region-size", type=int, default=32, help="pixels per region side")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--visible", type=int, nargs="+", default=[4, 8, 16], help="visible regions per slide")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of regions that are targets")
     p.add_argument("--fusion", choices=("on", "off"), default="on", help="Region Fusion")
@@ -148,9 +139,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per configuration")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
-    p.add_argument("--json", help="also write the records here")
-    run_parent(p.parse_args())
+
+
+def main() -> None:
+    script_main(__doc__, run_child, run_parent, add_arguments, model='pixel_mamba_tiny', region_size=32,
+                region_size_help='pixels per region side', timeout=600.0)
 
 
 if __name__ == "__main__":

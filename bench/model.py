@@ -20,7 +20,7 @@ import platform
 import resource
 import time
 
-from child_process import child_args, run_in_child
+from child_process import run_in_child, script_main, write_results
 
 
 def _rss_mib() -> float:
@@ -118,26 +118,19 @@ def run_parent(args: argparse.Namespace) -> None:
         a, b = ok[0], ok[-1]
         slope = (b["peak_rss_mib"] - a["peak_rss_mib"]) / (b["n"] - a["n"])
         print(f"# fusion off: peak RSS grows {slope:.0f} MiB per region between n={a['n']} and n={b['n']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_results(args.json, results)
 
 
-def main() -> None:
-    child = child_args()
-    if child is not None:
-        run_child(child)
-        return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="pixel_mamba_6m", help="registered model name")
-    p.add_argument("--region-size", type=int, default=0, help="override the variant's region size (0 = keep)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="selective-scan backend (auto picks numba on CPU when it works)")
     p.add_argument("--regions", type=int, nargs="+", default=[1, 2, 4, 8], help="region counts to run")
     p.add_argument("--fusion", dest="fusion_modes", nargs="+", choices=["off", "on"], default=["off", "on"])
     p.add_argument("--checkpoint-layers", type=int, default=0, help="activation-checkpoint the first k layers")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per configuration")
-    p.add_argument("--json", default="", help="also write the results here")
-    run_parent(p.parse_args())
+
+
+def main() -> None:
+    script_main(__doc__, run_child, run_parent, add_arguments, model='pixel_mamba_6m', region_size=0,
+                region_size_help="override the variant's region size (0 = keep)", timeout=900.0)
 
 
 if __name__ == "__main__":

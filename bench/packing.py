@@ -34,7 +34,7 @@ import resource
 import statistics
 import time
 
-from child_process import child_args, run_in_child
+from child_process import run_in_child, script_main, write_results
 
 DINO_VIEWS = [8, 7, 2, 3, 2, 3, 2, 3]  # 2 global + 6 local views, regions per view
 MODES = ("separate", "packed")
@@ -126,25 +126,18 @@ def run_parent(args: argparse.Namespace) -> None:
             f"{sep['peak_rss_mib']:18.0f} {pk['peak_rss_mib']:20.0f}",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_results(args.json, results)
 
 
-def main() -> None:
-    child = child_args()
-    if child is not None:
-        run_child(child)
-        return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="pixel_mamba_tiny", help="registered model name")
-    p.add_argument("--region-size", type=int, default=32, help="region size in px (must suit the model's schedule)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, nargs="+", default=DINO_VIEWS, help="regions per view")
     p.add_argument("--backends", nargs="+", default=["numba", "torch"], help="selective-scan backends to compare")
     p.add_argument("--steps", type=int, default=3, help="timed rounds (one step of each mode per round, after one warm-up)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per configuration")
-    p.add_argument("--json", default="", help="also write the results here")
-    run_parent(p.parse_args())
+
+
+def main() -> None:
+    script_main(__doc__, run_child, run_parent, add_arguments, model='pixel_mamba_tiny', region_size=32,
+                region_size_help="region size in px (must suit the model's schedule)", timeout=600.0)
 
 
 if __name__ == "__main__":

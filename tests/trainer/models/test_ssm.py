@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.trainer.models.scan_reference import assert_float32_matches, reference_scan, rel_err, values_and_grads
 from trainer.models import ssm
 from trainer.models.ssm import (
     BACKENDS,
@@ -21,27 +22,6 @@ from trainer.models.ssm import (
 from trainer.models.ssm.selective import selective_scan
 
 needs_numba = pytest.mark.skipif(not numba_scan.AVAILABLE, reason="numba is not importable")
-
-
-def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """mamba-ssm semantics, one token at a time, in the inputs' dtype. Returns (y, last_state)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, d_inner, L = u.shape
-    h = u.new_zeros(batch, d_inner, A.shape[1])
-    ys = []
-    for t in range(L):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * u[:, :, t, None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y, h
 
 
 def make_inputs(batch, d_inner, d_state, L, *, with_D, with_z, with_bias, softplus, seed=0, delta_scale=1.0, a_max=2.0):
@@ -61,22 +41,6 @@ def make_inputs(batch, d_inner, d_state, L, *, with_D, with_z, with_bias, softpl
     return inputs
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def run_and_grad(fn, inputs, softplus, with_last, gy, glast):
-    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
-    out = fn(**leaves, delta_softplus=softplus)
-    y, last = out
-    loss = (y.double() * gy).sum()
-    if with_last:
-        loss = loss + (last.double() * glast).sum()
-    loss.backward()
-    grads = {k: v.grad for k, v in leaves.items() if v is not None}
-    return y.detach(), last.detach(), grads
-
-
 def check_against_reference(core, L, with_D, with_z, with_bias, softplus, with_last, *, shapes=(2, 3, 4), **input_kw):
     batch, d_inner, d_state = shapes
     inputs = make_inputs(batch, d_inner, d_state, L, with_D=with_D, with_z=with_z, with_bias=with_bias, softplus=softplus, **input_kw)
@@ -84,18 +48,13 @@ def check_against_reference(core, L, with_D, with_z, with_bias, softplus, with_l
     gy = torch.randn(batch, d_inner, L, generator=g, dtype=torch.float64)
     glast = torch.randn(batch, d_inner, d_state, generator=g, dtype=torch.float64)
 
-    y_ref, last_ref, g_ref = run_and_grad(reference_scan, inputs, softplus, with_last, gy, glast)
+    glast = glast if with_last else None
+    reference = values_and_grads(reference_scan, inputs, gy, glast, delta_softplus=softplus)
     inputs32 = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
-    y, last, grads = run_and_grad(
-        lambda **kw: selective_scan(core, **kw, return_last_state=True), inputs32, softplus, with_last, gy, glast
+    result = values_and_grads(
+        lambda **kw: selective_scan(core, **kw, return_last_state=True), inputs32, gy, glast, delta_softplus=softplus
     )
-    assert y.dtype == torch.float32 and last.dtype == torch.float32
-    assert rel_err(y, y_ref) < 1e-5
-    assert rel_err(last, last_ref) < 1e-5
-    assert set(grads) == set(g_ref)
-    for name in g_ref:
-        assert grads[name].dtype == torch.float32, name
-        assert rel_err(grads[name], g_ref[name]) < 1e-4, name
+    assert_float32_matches(result, reference)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 13, 32, 33])
@@ -180,10 +139,11 @@ def test_stability_large_delta_strongly_negative_A(core):
     assert total_log_decay > 1e4
     g = torch.Generator().manual_seed(5)
     gy = torch.randn(1, 2, L, generator=g, dtype=torch.float64)
-    y_ref, last_ref, g_ref = run_and_grad(reference_scan, inputs, True, True, gy, torch.ones(1, 2, 6, dtype=torch.float64))
+    glast = torch.ones(1, 2, 6, dtype=torch.float64)
+    y_ref, last_ref, g_ref = values_and_grads(reference_scan, inputs, gy, glast, delta_softplus=True)
     inputs32 = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
-    y, last, grads = run_and_grad(
-        lambda **kw: selective_scan(core, **kw, return_last_state=True), inputs32, True, True, gy, torch.ones(1, 2, 6, dtype=torch.float64)
+    y, last, grads = values_and_grads(
+        lambda **kw: selective_scan(core, **kw, return_last_state=True), inputs32, gy, glast, delta_softplus=True
     )
     assert torch.isfinite(y).all() and torch.isfinite(last).all()
     assert rel_err(y, y_ref) < 1e-5

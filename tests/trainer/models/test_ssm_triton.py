@@ -11,15 +11,18 @@ test file sees a changed environment.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.trainer.models.scan_reference import rel_err, values_and_grads
 from trainer.models import ssm
-from trainer.models.ssm import BackendUnavailableError, cuda_scan, resolve_backend, triton_scan
+from trainer.models.ssm import BackendUnavailableError, cuda_scan, resolve_backend, selective_scan_fn, triton_scan
 
 pytestmark = pytest.mark.skipif(not triton_scan.AVAILABLE, reason=f"triton is not importable here: {triton_scan.UNAVAILABLE_REASON}")
 
@@ -119,6 +122,25 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, options, dtype):
     compiled = triton.compile(ASTSource(fn, signature, constexprs=flags), target=GPUTarget("cuda", 90, 32), options=options_)
     assert compiled.asm.get("cubin"), "no cubin was produced"
     assert f".entry {kernel}" in compiled.asm["ptx"]
+    usage = _resource_usage(compiled.asm["cubin"])
+    if usage is not None:  # a spill to local memory would cost every token a round trip to DRAM
+        assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
+
+
+def _resource_usage(cubin: bytes) -> dict | None:
+    """{"REG": n, "LOCAL": bytes, "STACK": bytes, ...} of a cubin's kernel, read by the cuobjdump Triton
+    ships with its NVIDIA backend; None where this triton has none."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    fields = re.findall(r"\b([A-Z]+):(\d+)", next(line for line in text.splitlines() if "REG:" in line))
+    return {name: int(value) for name, value in fields}
 
 
 def _cuda_inputs(batch: int, d_inner: int, d_state: int, L: int, seed: int = 0) -> dict:
@@ -134,14 +156,7 @@ def _cuda_inputs(batch: int, d_inner: int, d_state: int, L: int, seed: int = 0) 
 
 
 def _values_and_grads(x: dict, backend: str, gy: torch.Tensor, **kw):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
-    y, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend=backend, **kw)
-    (y * gy).sum().backward()
-    return y.detach(), last.detach(), {k: v.grad for k, v in leaves.items()}
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    return values_and_grads(selective_scan_fn, x, gy, None, delta_softplus=True, return_last_state=True, backend=backend, **kw)
 
 
 @pytest.mark.gpu
@@ -151,9 +166,9 @@ def test_compiled_triton_agrees_with_torch_on_cuda(d_state):
     x = _cuda_inputs(2, 8, d_state, 500)
     gy = torch.randn_like(x["u"])
     (y_t, l_t, g_t), (y_k, l_k, g_k) = (_values_and_grads(x, b, gy) for b in ("torch", "triton"))
-    assert _rel(y_k, y_t) < 1e-4 and _rel(l_k, l_t) < 1e-4
+    assert rel_err(y_k, y_t) < 1e-4 and rel_err(l_k, l_t) < 1e-4
     for name in g_t:
-        assert _rel(g_k[name], g_t[name]) < 1e-3, name
+        assert rel_err(g_k[name], g_t[name]) < 1e-3, name
 
 
 @pytest.mark.gpu
@@ -168,7 +183,7 @@ def test_compiled_triton_packing_equals_separate_calls_on_cuda():
         _values_and_grads({k: (v[..., s:e].contiguous() if v.dim() == 3 else v) for k, v in x.items()}, "triton", gy[..., s:e])
         for s, e in ((0, 130), (130, 500))
     ]
-    assert _rel(y_p, torch.cat([p[0] for p in parts], -1)) < 1e-5
+    assert rel_err(y_p, torch.cat([p[0] for p in parts], -1)) < 1e-5
     for name in g_p:
         sep = torch.cat([p[2][name] for p in parts], -1) if x[name].dim() == 3 else parts[0][2][name] + parts[1][2][name]
-        assert _rel(g_p[name], sep) < 1e-4, name
+        assert rel_err(g_p[name], sep) < 1e-4, name

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.trainer.models.scan_reference import assert_float32_matches, reference_scan, rel_err, values_and_grads
 from trainer.models.ssm import resolve_backend, selective_scan_fn, triton_scan
 
 pytestmark = pytest.mark.skipif(
@@ -23,32 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, seq_idx=None):
-    """mamba-ssm semantics one token at a time in float64; the state restarts where seq_idx changes.
-    Returns (y, last_state)."""
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, d_inner, L = u.shape
-    h = u.new_zeros(batch, d_inner, A.shape[1])
-    ys = []
-    for t in range(L):
-        if seq_idx is not None and t > 0:
-            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None]
-            h = h * keep
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * u[:, :, t, None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.double())
-    return y, h
 
 
 def inputs(batch=2, d_inner=2, d_state=3, L=21, *, options=True, softplus=True, seed=0) -> dict:
@@ -68,21 +42,6 @@ def inputs(batch=2, d_inner=2, d_state=3, L=21, *, options=True, softplus=True, 
     if options:
         x.update(D=r(d_inner), z=r(batch, d_inner, L), delta_bias=r(d_inner) * 0.5)
     return x
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def run(fn, x: dict, gy: torch.Tensor, glast: torch.Tensor | None, **kw):
-    """(y, last, grads of every input) for loss = ⟨y, gy⟩ + ⟨last, glast⟩."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
-    y, last = fn(**leaves, **kw)
-    loss = (y.double() * gy).sum()
-    if glast is not None:
-        loss = loss + (last.double() * glast).sum()
-    loss.backward()
-    return y.detach(), last.detach(), {k: v.grad for k, v in leaves.items()}
 
 
 def cotangents(x: dict, seed=1):
@@ -105,16 +64,11 @@ def test_forward_and_every_gradient_match_the_float64_loop(options, softplus, wi
     x = inputs(options=options, softplus=softplus)
     gy, glast = cotangents(x)
     glast = glast if with_last else None
-    y_ref, last_ref, g_ref = run(reference, x, gy, glast, delta_softplus=softplus)
+    y_ref, last_ref, g_ref = values_and_grads(reference_scan, x, gy, glast, delta_softplus=softplus)
     x32 = {k: v.float() for k, v in x.items()}
-    y, last, grads = run(triton_fn, x32, gy, glast, delta_softplus=softplus, chunk=8)
-    assert y.dtype == torch.float32 and last.dtype == torch.float32
-    assert rel_err(y, y_ref) < 1e-5
-    assert rel_err(last, last_ref) < 1e-5
-    assert set(grads) == set(x)
-    for name in x:
-        assert grads[name].dtype == torch.float32, name
-        assert rel_err(grads[name], g_ref[name]) < 1e-4, name
+    result = values_and_grads(triton_fn, x32, gy, glast, delta_softplus=softplus, chunk=8)
+    assert_float32_matches(result, (y_ref, last_ref, g_ref))
+    assert set(result[2]) == set(x)
 
 
 def test_only_the_last_state_carries_gradient():
@@ -122,8 +76,8 @@ def test_only_the_last_state_carries_gradient():
     x = inputs(L=19)
     _, glast = cotangents(x)
     gy = torch.zeros_like(x["u"])
-    _, _, g_ref = run(reference, x, gy, glast, delta_softplus=True)
-    _, _, grads = run(triton_fn, {k: v.float() for k, v in x.items()}, gy, glast, delta_softplus=True, chunk=8)
+    _, _, g_ref = values_and_grads(reference_scan, x, gy, glast, delta_softplus=True)
+    _, _, grads = values_and_grads(triton_fn, {k: v.float() for k, v in x.items()}, gy, glast, delta_softplus=True, chunk=8)
     for name in ("u", "delta", "A", "B", "delta_bias"):
         assert g_ref[name].abs().max() > 0, name
         assert rel_err(grads[name], g_ref[name]) < 1e-4, name
@@ -133,7 +87,7 @@ def test_only_the_last_state_carries_gradient():
 def test_public_function_dispatches_and_returns_u_dtype():
     """backend='triton' with the default chunk; float64 inputs are computed in float32 and returned in float64."""
     x = inputs(batch=1, L=6)
-    y_ref, last_ref = reference(**x, delta_softplus=True)
+    y_ref, last_ref = reference_scan(**x, delta_softplus=True)
     y = selective_scan_fn(**x, delta_softplus=True, backend="triton")
     assert isinstance(y, torch.Tensor) and y.dtype == torch.float64
     assert rel_err(y, y_ref) < 1e-5
@@ -182,12 +136,12 @@ def test_seq_idx_packing_equals_separate_calls_values_and_gradients():
     x = {k: v.float() for k, v in inputs(L=21).items()}
     seq = packed_ids()
     gy, glast = cotangents(x)
-    y_p, last_p, g_p = run(triton_fn, x, gy, glast, delta_softplus=True, chunk=8, seq_idx=seq)
-    y_s, last_s, g_s = run(
+    y_p, last_p, g_p = values_and_grads(triton_fn, x, gy, glast, delta_softplus=True, chunk=8, seq_idx=seq)
+    y_s, last_s, g_s = values_and_grads(
         lambda **kw: separate_calls(lambda **p: triton_scan.selective_scan(**p, delta_softplus=True, return_last_state=True, chunk=8), seq, **kw),
         x, gy, glast,
     )
-    y_ref, last_ref, g_ref = run(reference, x, gy, glast, delta_softplus=True, seq_idx=seq)
+    y_ref, last_ref, g_ref = values_and_grads(reference_scan, x, gy, glast, delta_softplus=True, seq_idx=seq)
     assert rel_err(y_p, y_s) < 1e-6 and rel_err(last_p, last_s) < 1e-6
     assert rel_err(y_p, y_ref) < 1e-5 and rel_err(last_p, last_ref) < 1e-5
     for name in NAMES:
@@ -210,8 +164,8 @@ def test_half_precision_inputs_within_their_tolerance(dtype):
     x = inputs(L=13)
     low = {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v.float()) for k, v in x.items()}
     gy, glast = cotangents(x)
-    y_ref, last_ref, g_ref = run(reference, {k: v.double() for k, v in low.items()}, gy, glast, delta_softplus=True)
-    y, last, grads = run(triton_fn, low, gy, glast, delta_softplus=True, chunk=8)
+    y_ref, last_ref, g_ref = values_and_grads(reference_scan, {k: v.double() for k, v in low.items()}, gy, glast, delta_softplus=True)
+    y, last, grads = values_and_grads(triton_fn, low, gy, glast, delta_softplus=True, chunk=8)
     assert y.dtype == dtype and last.dtype == torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3  # a few units of the format's rounding (2⁻⁸, 2⁻¹¹)
     assert rel_err(y, y_ref) < tol

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import pickle
 import socket
-from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from trainer.engine.loop import LoopConfig, Trainer
 from trainer.engine.optim import OptimConfig
 from trainer.models import build_model
 from trainer.objectives import OBJECTIVES, BuildContext
-from trainer.objectives.base import STREAM_PREPARE, HookContext, StepContext, TrainingPlan
+from trainer.objectives.base import HookContext, StepContext, TrainingPlan
 from trainer.objectives.dino import DinoConfig, DinoHead, DinoObjective, dino_loss, supports_segments
 
 REGION = 8

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.trainer.conftest import write_stain_store
 from trainer.data.tile_dataset import TileStoreDataset

@@ -34,6 +34,69 @@ def _compose(a1, x1, a2, x2):
 
 
 @triton.jit
+def _softplus(x):
+    """torch's softplus (threshold 20) as max(x, 0) + log1p(exp(−|x|)), log1p(e) = log(w)·e/(w − 1), w = 1 + e."""
+    e = tl.exp(-tl.abs(x))
+    w = 1.0 + e
+    log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p)
+
+
+@triton.jit
+def _row_constants(A_ptr, D_ptr, bias_ptr, d_inner, d_state, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """What the program of row (b, d) keeps for the whole sequence: b, row = b·d_inner + d (int64), the
+    state lanes n and their mask (BLOCK_N,), A[d] (BLOCK_N,) float32 (0 on padded lanes), D[d] and
+    delta_bias[d] as float32 scalars (0.0 when absent)."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < d_state
+    A = tl.load(A_ptr + d * d_state + n, mask=n_ok, other=0.0).to(tl.float32)
+    D = 0.0
+    if HAS_D:
+        D = tl.load(D_ptr + d).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(tl.float32)
+    return b, b * d_inner + d, n, n_ok, A, D, bias
+
+
+@triton.jit
+def _load_delta(delta_ptr, off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw, dt) of the tokens at ``off``, float32: raw = delta + delta_bias, dt = softplus(raw) when
+    SOFTPLUS else raw. Masked-off tokens load delta = 0 (their dt is not 0 under softplus: callers mask it)."""
+    raw = tl.load(delta_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return raw, dt
+
+
+@triton.jit
+def _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L):
+    """Offsets and mask of a chunk's (BLOCK_T, BLOCK_N) tiles of B and C (token t, state n), and B's tile in float32."""
+    bc_off = (b * d_state + n[None, :]) * L + t[:, None]
+    bc_ok = ok[:, None] & n_ok[None, :]
+    Bt = tl.load(B_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
+    return bc_off, bc_ok, Bt
+
+
+@triton.jit
+def _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ: tl.constexpr):
+    """a_t = exp(dt_t · A), (BLOCK_T, BLOCK_N); 0 at a token whose seq_idx differs from its predecessor's
+    (a packed sequence starts there), so the state restarts from zero."""
+    a = tl.exp(dt[:, None] * A[None, :])
+    if HAS_SEQ:
+        cur = tl.load(seq_ptr + b * L + t, mask=ok, other=0)
+        prev = tl.load(seq_ptr + b * L + t - 1, mask=ok & (t > 0), other=0)
+        a = tl.where((ok & (t > 0) & (cur != prev))[:, None], 0.0, a)
+    return a
+
+
+@triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, last_ptr, states_ptr,
@@ -42,16 +105,7 @@ def scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64)
-    row = b * d_inner + d
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < d_state
-    A = tl.load(A_ptr + d * d_state + n, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + d).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(tl.float32)
+    b, row, n, n_ok, A, D, bias = _row_constants(A_ptr, D_ptr, bias_ptr, d_inner, d_state, HAS_D, HAS_BIAS, BLOCK_N)
     rows = tl.arange(0, BLOCK_T)
     h = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c in range(n_chunks):
@@ -59,25 +113,11 @@ def scan_fwd_kernel(
         ok = t < L
         off = row * L + t
         u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias
-        if SOFTPLUS:
-            # torch's softplus (threshold 20) as max(x, 0) + log1p(exp(−|x|)), log1p(e) = log(w)·e/(w − 1), w = 1 + e
-            e = tl.exp(-tl.abs(dt))
-            w = 1.0 + e
-            log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-            dt = tl.where(dt > 20.0, dt, tl.maximum(dt, 0.0) + log1p)
+        _, dt = _load_delta(delta_ptr, off, ok, bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(ok, dt, 0.0)
-        bc_off = (b * d_state + n[None, :]) * L + t[:, None]
-        bc_ok = ok[:, None] & n_ok[None, :]
-        Bt = tl.load(B_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
+        bc_off, bc_ok, Bt = _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L)
         Ct = tl.load(C_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None] * A[None, :])
-        if HAS_SEQ:
-            cur = tl.load(seq_ptr + b * L + t, mask=ok, other=0)
-            prev = tl.load(seq_ptr + b * L + t - 1, mask=ok & (t > 0), other=0)
-            a = tl.where((ok & (t > 0) & (cur != prev))[:, None], 0.0, a)
+        a = _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ)
         x = (dt * u)[:, None] * Bt
         a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
         hs = a_cum * h[None, :] + x_cum
@@ -107,16 +147,7 @@ def scan_bwd_kernel(
     """Gradients of one (b, d) row. du, ddelta, dz: (batch, d_inner, L) in the inputs' dtypes;
     dB, dC: (batch, d_state, L) float32, accumulated over channels with atomic adds;
     dA: (batch, d_inner, d_state), dD, dbias: (batch, d_inner) float32 per-row partial sums."""
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64)
-    row = b * d_inner + d
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < d_state
-    A = tl.load(A_ptr + d * d_state + n, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + d).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(tl.float32)
+    b, row, n, n_ok, A, D, bias = _row_constants(A_ptr, D_ptr, bias_ptr, d_inner, d_state, HAS_D, HAS_BIAS, BLOCK_N)
     rows = tl.arange(0, BLOCK_T)
     if HAS_GLAST:
         carry = tl.load(glast_ptr + row * d_state + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -132,23 +163,10 @@ def scan_bwd_kernel(
         ok = t < L
         off = row * L + t
         u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias
-        if SOFTPLUS:
-            e = tl.exp(-tl.abs(dt))
-            w = 1.0 + e
-            log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-            dt = tl.where(dt > 20.0, dt, tl.maximum(dt, 0.0) + log1p)
+        _, dt = _load_delta(delta_ptr, off, ok, bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(ok, dt, 0.0)
-        bc_off = (b * d_state + n[None, :]) * L + t[:, None]
-        bc_ok = ok[:, None] & n_ok[None, :]
-        Bt = tl.load(B_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None] * A[None, :])
-        if HAS_SEQ:
-            cur = tl.load(seq_ptr + b * L + t, mask=ok, other=0)
-            prev = tl.load(seq_ptr + b * L + t - 1, mask=ok & (t > 0), other=0)
-            a = tl.where((ok & (t > 0) & (cur != prev))[:, None], 0.0, a)
+        _, _, Bt = _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L)
+        a = _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ)
         a_cum, x_cum = tl.associative_scan((a, (dt * u)[:, None] * Bt), 0, _compose)
         h_in = tl.load(states_ptr + (row * n_chunks + c) * d_state + n, mask=n_ok, other=0.0)
         hs = tl.flip(a_cum * h_in[None, :] + x_cum, 0)  # reverse token order from here on
@@ -158,36 +176,15 @@ def scan_bwd_kernel(
         ok = t < L
         off = row * L + t
         u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        raw = tl.load(delta_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw = raw + bias
-        dt = raw
-        if SOFTPLUS:
-            e = tl.exp(-tl.abs(raw))
-            w = 1.0 + e
-            log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-            dt = tl.where(raw > 20.0, raw, tl.maximum(raw, 0.0) + log1p)
+        raw, dt = _load_delta(delta_ptr, off, ok, bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(ok, dt, 0.0)
-        bc_off = (b * d_state + n[None, :]) * L + t[:, None]
-        bc_ok = ok[:, None] & n_ok[None, :]
-        Bt = tl.load(B_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
+        bc_off, bc_ok, Bt = _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L)
         Ct = tl.load(C_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
         gout = tl.load(gout_ptr + off, mask=ok, other=0.0).to(tl.float32)
         # decay a_{t+1} linking token t + 1 back to token t (1 past the end: the carry enters unscaled)
         nxt_ok = (t + 1) < L
-        dt_next = tl.load(delta_ptr + off + 1, mask=nxt_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_next = dt_next + bias
-        if SOFTPLUS:
-            e = tl.exp(-tl.abs(dt_next))
-            w = 1.0 + e
-            log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-            dt_next = tl.where(dt_next > 20.0, dt_next, tl.maximum(dt_next, 0.0) + log1p)
-        a_next = tl.exp(dt_next[:, None] * A[None, :])
-        if HAS_SEQ:
-            cur = tl.load(seq_ptr + b * L + t, mask=ok, other=0)
-            nxt = tl.load(seq_ptr + b * L + t + 1, mask=nxt_ok, other=0)
-            a_next = tl.where((nxt_ok & (nxt != cur))[:, None], 0.0, a_next)
+        _, dt_next = _load_delta(delta_ptr, off + 1, nxt_ok, bias, HAS_BIAS, SOFTPLUS)
+        a_next = _decay(dt_next, A, seq_ptr, b, t + 1, nxt_ok, L, HAS_SEQ)
         a_next = tl.where(nxt_ok[:, None], a_next, 1.0)
         if HAS_Z:
             zt = tl.load(z_ptr + off, mask=ok, other=0.0).to(tl.float32)
