@@ -21,6 +21,7 @@ the run goes on. Runs on any recent torch and Triton (≥ 3.0).
     python bench/gpu_check.py                          # CUDA GPU: every section, bench/out/gpu_check.json
     python bench/gpu_check.py --sections scan model --budget-s 120
     python bench/gpu_check.py --cpu-smoke              # CPU, tiny sizes, torch backend: checks every section runs
+    TRITON_INTERPRET=1 python bench/gpu_check.py --cpu-smoke   # the same, plus the triton rows under Triton's interpreter
 """
 
 from __future__ import annotations
