@@ -336,6 +336,27 @@ class DinoObjective(Objective):
         if len(self._window) >= self.config.monitor_window:
             self._close_window(ctx.step)
 
+    # ---------------------------------------------------------------- state
+    def objective_state_dict(self) -> dict[str, Tensor]:
+        """Head, teachers and centre, plus the monitor: the open window of slide embeddings
+        (k, embed_dim) and the last closed window's [RankMe, mean cosine] (empty before the first),
+        so a resumed run closes its windows where the uninterrupted run would (rank 0's window)."""
+        state = super().objective_state_dict()
+        dim = int(self.encoder.embed_dim)
+        state["monitor.window"] = torch.stack(self._window) if self._window else torch.zeros(0, dim)
+        metrics = self._window_metrics
+        state["monitor.metrics"] = torch.tensor([metrics["rankme"], metrics["mean_cosine"]] if metrics else [], dtype=torch.float64)
+        return state
+
+    def load_objective_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore `objective_state_dict`; checkpoints from before the monitor was saved load with an empty one."""
+        state = dict(state)
+        window, metrics = state.pop("monitor.window", None), state.pop("monitor.metrics", None)
+        super().load_objective_state_dict(state)
+        self._window = [row.cpu() for row in window] if window is not None else []
+        values = metrics.tolist() if metrics is not None else []
+        self._window_metrics = dict(zip(("rankme", "mean_cosine"), values)) if values else {}
+
     def _close_window(self, step: int) -> None:
         window = torch.stack(self._window)
         self._window = []

@@ -216,6 +216,16 @@ class CollapseMonitor:
         )
 
 
+    def state(self) -> dict[str, Tensor]:
+        """The recent values (k,) float64 and whether the monitor has fired, as tensors for a checkpoint."""
+        return {"recent": torch.tensor(list(self.recent), dtype=torch.float64), "fired": torch.tensor(self.fired)}
+
+    def load(self, state: Mapping[str, Tensor]) -> None:
+        self.recent.clear()
+        self.recent.extend(float(v) for v in state["recent"].tolist())
+        self.fired = bool(state["fired"])
+
+
 # --------------------------------------------------------------------------- objective
 @dataclass(frozen=True)
 class _StepResult:
@@ -254,6 +264,22 @@ class LatentMIMObjective(Objective):
             threshold=config.collapse_threshold, window=config.collapse_window, name="predicted-token similarity"
         )
         self._messages: list[str] = []
+
+    # ------------------------------------------------------------- state
+    def objective_state_dict(self) -> dict[str, Tensor]:
+        """Predictor and teacher, plus the collapse monitor's window (rank 0's), so a resumed run warns
+        where the uninterrupted run would."""
+        state = super().objective_state_dict()
+        state.update({f"monitor.{k}": v for k, v in self._monitor.state().items()})
+        return state
+
+    def load_objective_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore `objective_state_dict`; checkpoints from before the monitor was saved load with an empty one."""
+        state = dict(state)
+        monitor = {k.removeprefix("monitor."): state.pop(k) for k in list(state) if k.startswith("monitor.")}
+        super().load_objective_state_dict(state)
+        if monitor:
+            self._monitor.load(monitor)
 
     # ------------------------------------------------------------- contract
     def sample_preparer(self) -> RegionMasking:

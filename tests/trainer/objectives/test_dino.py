@@ -249,6 +249,32 @@ def test_monitor_window_reports_rankme_and_warns_on_collapse():
     assert float(out["rankme"]) == pytest.approx(1.0, abs=0.01) and float(out["mean_cosine"]) == pytest.approx(1.0)
 
 
+def test_monitor_window_survives_a_checkpoint():
+    """The open window and the last window's metrics travel in the objective state: a resumed run
+    closes its window on the same step as the uninterrupted one, with the same RankMe."""
+    straight = make_objective(monitor_window=3).train()
+    samples = [prepared(straight, make_sample(seed=i)) for i in range(3)]
+    for step, sample in enumerate(samples):
+        straight(sample, step_ctx=step_ctx(step=step))
+        straight.on_after_step(hook_ctx(step=step))
+        if step == 1:
+            state = {k: v.clone() for k, v in straight.objective_state_dict().items()}
+    assert state["monitor.window"].shape == (2, straight.encoder.embed_dim) and state["monitor.metrics"].numel() == 0
+
+    resumed = make_objective(monitor_window=3).train()
+    resumed.load_objective_state_dict(state)
+    resumed(samples[2], step_ctx=step_ctx(step=2))
+    resumed.on_after_step(hook_ctx(step=2))
+    assert resumed.drain_messages()[0] == straight.drain_messages()[0]  # "dino monitor (step 2, 3 slides): RankMe …"
+    closed = resumed.objective_state_dict()
+    assert closed["monitor.window"].shape[0] == 0 and closed["monitor.metrics"].shape == (2,)
+
+    older = {k: v for k, v in state.items() if not k.startswith("monitor.")}  # a checkpoint from before
+    fresh = make_objective(monitor_window=3)
+    fresh.load_objective_state_dict(older)
+    assert fresh._window == [] and fresh._window_metrics == {}
+
+
 def test_validation_is_deterministic_and_reports_embedding_metrics():
     objective = make_objective().eval()
     samples = [make_sample(seed=i, index=i) for i in range(3)]
@@ -282,8 +308,9 @@ def test_packed_views_equal_separate_views(fusion):
     out = packed(sample, step_ctx=step_ctx(seed=3))
     out["loss"].backward()
     assert float(out["loss"]) == pytest.approx(float(loss_a), abs=1e-5)
-    for name, grad in grads_a.items():
-        assert torch.allclose(dict(packed.named_parameters())[name].grad, grad, atol=1e-5), name
+    for name, grad in grads_a.items():  # norm-relative: the head's gradients reach ~1e2, float32 sums differ by order
+        got = dict(packed.named_parameters())[name].grad
+        assert (got - grad).norm() <= 1e-5 * grad.norm() + 1e-7, name
 
 
 def make_trainer(out_dir, store, **loop) -> Trainer:

@@ -311,6 +311,39 @@ def test_collapse_warning_reaches_drain_messages_after_optimizer_steps() -> None
     assert objective.drain_messages() == []
 
 
+def test_collapse_monitor_window_survives_a_checkpoint() -> None:
+    """A resumed run fires where the uninterrupted one does: the window travels in the objective state."""
+    objective = small_objective(collapse_threshold=-1.0, collapse_window=3).train()
+    plan = TrainingPlan(total_steps=4, steps_per_epoch=2, epochs=2)
+    sample = RegionMasking()(grid_sample(12), torch.Generator().manual_seed(0))
+    for step in range(2):
+        objective(sample, step_ctx=step_ctx(step))
+        objective.on_after_step(HookContext(step=step, epoch=0, plan=plan))
+    assert objective.drain_messages() == []
+    state = torch.load(_roundtrip(objective.objective_state_dict()), weights_only=True)
+    assert state["monitor.recent"].shape == (2,) and not bool(state["monitor.fired"])
+
+    resumed = small_objective(collapse_threshold=-1.0, collapse_window=3).train()
+    resumed.load_objective_state_dict(state)
+    resumed(sample, step_ctx=step_ctx(2))
+    resumed.on_after_step(HookContext(step=2, epoch=0, plan=plan))
+    assert any("collapse warning at step 2" in m for m in resumed.drain_messages())
+
+    older = {k: v for k, v in state.items() if not k.startswith("monitor.")}  # a checkpoint from before
+    fresh = small_objective(collapse_threshold=-1.0, collapse_window=3)
+    fresh.load_objective_state_dict(older)
+    assert len(fresh._monitor.recent) == 0
+
+
+def _roundtrip(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 def test_validation_loss_is_deterministic_and_metrics_are_complete() -> None:
     objective = small_objective().eval()
     samples = [grid_sample(6, seed=s) for s in range(3)]
