@@ -174,11 +174,15 @@ def write_slide(
     temp = temp_group_name(slide_id)
     group_dir = root / SLIDES_GROUP / temp
     try:
+        # The group and its small arrays are written here, not through zarr (whose every call is a
+        # round trip to its event-loop thread and existence checks): the same bytes zarr writes
+        # (tests/pipeline/test_store_writer.py compares them); `regions`' metadata comes from zarr.
+        group_dir.mkdir()
+        _write_bytes(group_dir / "zarr.json", _zarr_json(_group_metadata({})))
+        for name, data in ((COORDS, coords), (ORIGIN, origin), (FOREGROUND, foreground)):
+            _write_small_array(group_dir / name, data)
         store = LocalStore(root)
         base = f"{SLIDES_GROUP}/{temp}"
-        zarr.create_group(store=store, path=base)
-        for name, data in ((COORDS, coords), (ORIGIN, origin), (FOREGROUND, foreground)):
-            _write_small_array(store, f"{base}/{name}", data)
         regions_array = zarr.create_array(
             store=store, name=f"{base}/{REGIONS}",
             **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
@@ -231,14 +235,46 @@ def _check_small_arrays(
     return checked[0], checked[1], checked[2]
 
 
-def _write_small_array(store: LocalStore, name: str, data: np.ndarray) -> None:
-    chunks = (max(data.shape[0], 1), *data.shape[1:])
-    array = zarr.create_array(
-        store=store, name=name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-        compressors=None, filters=None, fill_value=0,
-    )
-    if data.size:
-        array[...] = data
+def _write_small_array(array_dir: Path, data: np.ndarray) -> None:
+    """One of a group's small arrays (`coords`, `origin`, `foreground`), as zarr would store it:
+    one chunk spanning the array (at least one row long), bytes codec little endian, fill value
+    0; the chunk is absent when the array is empty or all fill value (zarr's write_empty_chunks
+    off, its default). Files are not synced here: `fsync_tree` syncs the group before commit."""
+    array_dir.mkdir()
+    _write_bytes(array_dir / "zarr.json", _zarr_json(small_array_metadata(data.shape, data.dtype)))
+    chunk = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+    # zarr compares the chunk with the fill value bit for bit (-0.0 is not 0 to it, nor NaN).
+    if data.size and (zarr.config.get("array.write_empty_chunks") or np.frombuffer(chunk, np.uint8).any()):
+        key = "c/" + "/".join("0" for _ in data.shape)
+        (array_dir / key).parent.mkdir(parents=True)
+        _write_bytes(array_dir / key, chunk)
+
+
+def small_array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The `zarr.json` zarr 3 writes for a small array (see `_write_small_array`), keys in its order."""
+    chunks = [max(shape[0], 1), *shape[1:]]
+    return {
+        "shape": list(shape),
+        "data_type": np.dtype(dtype).name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": np.dtype(dtype).type(0).item(),
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _zarr_json(metadata: dict[str, Any]) -> bytes:
+    """Metadata serialised as zarr 3 writes it (2-space indent)."""
+    return json.dumps(metadata, indent=2).encode()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
 
 
 def _iter_regions(slide_id: str, regions: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -280,12 +316,13 @@ def _stream_raw(
     hasher = ArrayHasher()
     hasher.begin(chunk_key, nbytes)
     count = 0
-    with open(chunk_path, "wb", buffering=_WRITE_BUFFER) as handle:
+    # Unbuffered: each region (~150 KB) goes to the kernel in one write, not copied through a buffer first.
+    with open(chunk_path, "wb", buffering=0) as handle:
         for region in stream:
             if count == n:
                 raise _count_error(slide_id, f"more than {n}", n)
             data = memoryview(region).cast("B")
-            handle.write(data)
+            _write_all(handle, data)
             hasher.update(data)
             count += 1
         if count != n:
@@ -295,6 +332,12 @@ def _stream_raw(
     if chunk_path.stat().st_size != nbytes:
         raise OSError(f"{chunk_path}: wrote {chunk_path.stat().st_size} bytes, expected {nbytes}")
     return hasher
+
+
+def _write_all(handle, data: memoryview) -> None:
+    """Write all of `data` to an unbuffered file (a raw write may take only part of it)."""
+    while data:
+        data = data[handle.write(data):]
 
 
 def _stream_shard(slide_id: str, shard_path: Path, stream: Iterator[np.ndarray], n: int, encode) -> None:
