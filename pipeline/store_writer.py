@@ -27,7 +27,9 @@ from zarr.storage import LocalStore
 
 from pipeline.schema.checksums import ArrayHasher, array_checksum, array_keys, slide_checksum
 from pipeline.schema.codecs import region_array_kwargs, region_chunk_encoder, require_codec
-from pipeline.schema.commit import SlideTable, commit_group, fsync_file, node_metadata, temp_group_name, write_table
+from pipeline.schema.commit import (
+    EarlyWriteback, SlideTable, commit_group, fsync_file, node_metadata, temp_group_name, write_table,
+)
 from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
 from pipeline.schema.format import (
     ARRAY_NAMES,
@@ -318,11 +320,13 @@ def _stream_raw(
     count = 0
     # Unbuffered: each region (~150 KB) goes to the kernel in one write, not copied through a buffer first.
     with open(chunk_path, "wb", buffering=0) as handle:
+        writeback = EarlyWriteback(handle.fileno())
         for region in stream:
             if count == n:
                 raise _count_error(slide_id, f"more than {n}", n)
             data = memoryview(region).cast("B")
             _write_all(handle, data)
+            writeback.written(data.nbytes)
             hasher.update(data)
             count += 1
         if count != n:
