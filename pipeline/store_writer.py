@@ -16,7 +16,9 @@ import datetime as _dt
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,7 @@ def write_slide(
     attrs: dict[str, Any],
     files: dict[str, bytes] | None = None,
     build_id: str | None = None,
+    background: bool = False,
 ) -> dict[str, Any]:
     """Write and commit one slide group; the slide is never held in memory.
 
@@ -154,6 +157,10 @@ def write_slide(
     files: extra files of the group by name (e.g. `tissue.geojson`), outside the checksums;
     build_id: commit only while the store's writer (`pipeline.locking`) has this build id,
         so a task left over from a killed build never commits into a newer build's store.
+    background: codec `none`: write and hash the regions in one background thread while the
+        stream produces the next ones (the file and its checksum are the same). Only for a
+        stream whose arrays are never modified once yielded (each region a new array, as
+        `pipeline.extract.iter_regions` yields them); at most `_MAX_PENDING` regions wait.
     Adds `slide_id`, `n_regions`, `checksums` and `checksum` to the attributes.
     Every file and folder of the group is fsynced before the commit rename.
     Returns `{"checksum": str, "checksums": {array: sha256 hex}}`.
@@ -194,7 +201,7 @@ def write_slide(
         stream = _iter_regions(slide_id, regions, size)
         streamed = None
         if store_attrs.codec["name"] == "none":
-            streamed = _stream_raw(slide_id, chunk_path, chunk_key, stream, n_regions, size)
+            streamed = _stream_raw(slide_id, chunk_path, chunk_key, stream, n_regions, size, background=background)
         else:
             _stream_shard(slide_id, chunk_path, stream, n_regions, region_chunk_encoder(store_attrs.codec))
         checksums = {REGIONS: _local_array_checksum(group_dir / REGIONS, streamed=streamed)}
@@ -302,12 +309,13 @@ def _count_error(slide_id: str, got: str, expected: int) -> SlideWriteError:
 
 
 def _stream_raw(
-    slide_id: str, chunk_path: Path, chunk_key: str, stream: Iterator[np.ndarray], n: int, size: int
+    slide_id: str, chunk_path: Path, chunk_key: str, stream: Iterator[np.ndarray], n: int, size: int,
+    *, background: bool = False,
 ) -> ArrayHasher | None:
     """Codec `none`: the chunk file is the raw C-order `(n, R, R, 3)` array.
 
     Returns the chunk's checksum state (`chunk_key` and its bytes hashed as they were
-    written), or None when n is 0 (no chunk file).
+    written), or None when n is 0 (no chunk file). background: see `write_slide`.
     """
     if n == 0:
         for _ in stream:
@@ -319,23 +327,64 @@ def _stream_raw(
     hasher.begin(chunk_key, nbytes)
     count = 0
     # Unbuffered: each region (~150 KB) goes to the kernel in one write, not copied through a buffer first.
-    with open(chunk_path, "wb", buffering=0) as handle:
-        writeback = EarlyWriteback(handle.fileno())
+    with open(chunk_path, "wb", buffering=0) as handle, _ChunkSink(handle, hasher, background) as sink:
         for region in stream:
             if count == n:
                 raise _count_error(slide_id, f"more than {n}", n)
-            data = memoryview(region).cast("B")
-            _write_all(handle, data)
-            writeback.written(data.nbytes)
-            hasher.update(data)
+            sink.put(memoryview(region).cast("B"))
             count += 1
         if count != n:
             raise _count_error(slide_id, str(count), n)
+        sink.finish()
         fsync_file(handle)
     hasher.end()
     if chunk_path.stat().st_size != nbytes:
         raise OSError(f"{chunk_path}: wrote {chunk_path.stat().st_size} bytes, expected {nbytes}")
     return hasher
+
+
+_MAX_PENDING = 32  # regions queued for the background writer (~4.8 MB at R = 224)
+
+
+class _ChunkSink:
+    """Appends byte blocks to an unbuffered file and hashes them, in order: in the calling
+    thread, or (background) in one worker thread, so that writing and sha256 (both release the
+    GIL) overlap with producing the next block. Errors surface in `put` or `finish`; leaving
+    the context waits for every queued write, so the file is never closed under the worker."""
+
+    def __init__(self, handle, hasher: ArrayHasher, background: bool):
+        self._handle, self._hasher = handle, hasher
+        self._writeback = EarlyWriteback(handle.fileno())
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-write") if background else None
+        self._pending: deque[Future] = deque()
+
+    def _write(self, data: memoryview) -> None:
+        _write_all(self._handle, data)
+        self._writeback.written(data.nbytes)
+        self._hasher.update(data)
+
+    def put(self, data: memoryview) -> None:
+        """Queue (or write) one block; blocks while `_MAX_PENDING` are queued."""
+        if self._pool is None:
+            self._write(data)
+            return
+        self._pending.append(self._pool.submit(self._write, data))
+        while len(self._pending) > _MAX_PENDING or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def finish(self) -> None:
+        """Wait for every queued block; raises the first write error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> "_ChunkSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        if exc[0] is None:
+            self.finish()
 
 
 def _write_all(handle, data: memoryview) -> None:
