@@ -183,20 +183,23 @@ def write_slide(
     temp = temp_group_name(slide_id)
     group_dir = root / SLIDES_GROUP / temp
     try:
-        # The group and its small arrays are written here, not through zarr (whose every call is a
-        # round trip to its event-loop thread and existence checks): the same bytes zarr writes
-        # (tests/pipeline/test_store_writer.py compares them); `regions`' metadata comes from zarr.
+        # The group, its small arrays and (codec none) the regions' metadata are written here, not
+        # through zarr (whose every call is a round trip to its event-loop thread plus existence
+        # checks): the same bytes zarr writes (tests/pipeline/test_store_writer.py compares them).
+        # The sharded layouts' metadata still comes from zarr.
         group_dir.mkdir()
         _write_bytes(group_dir / "zarr.json", _zarr_json(_group_metadata({})))
         for name, data in ((COORDS, coords), (ORIGIN, origin), (FOREGROUND, foreground)):
             _write_small_array(group_dir / name, data)
-        store = LocalStore(root)
-        base = f"{SLIDES_GROUP}/{temp}"
-        regions_array = zarr.create_array(
-            store=store, name=f"{base}/{REGIONS}",
-            **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
-        )
-        chunk_key = regions_array.metadata.encode_chunk_key((0, 0, 0, 0))
+        chunk_key = "c/0/0/0/0"
+        if store_attrs.codec["name"] == "none":
+            (group_dir / REGIONS).mkdir()
+            _write_bytes(group_dir / REGIONS / "zarr.json", _zarr_json(raw_regions_metadata(n_regions, size)))
+        else:
+            zarr.create_array(
+                store=LocalStore(root), name=f"{SLIDES_GROUP}/{temp}/{REGIONS}",
+                **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
+            )
         chunk_path = group_dir / REGIONS / chunk_key
         stream = _iter_regions(slide_id, regions, size)
         streamed = None
@@ -273,6 +276,17 @@ def small_array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, A
         "zarr_format": 3,
         "node_type": "array",
         "storage_transformers": [],
+    }
+
+
+def raw_regions_metadata(n_regions: int, region_size: int) -> dict[str, Any]:
+    """The `zarr.json` zarr 3 writes for `regions` with codec `none` (`region_array_kwargs`):
+    uint8 `(n, R, R, 3)`, one chunk spanning it (at least one region long), bytes codec."""
+    shape = [n_regions, region_size, region_size, 3]
+    return {
+        **small_array_metadata(tuple(shape), np.dtype(np.uint8)),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(n_regions, 1), *shape[1:]]}},
+        "codecs": [{"name": "bytes"}],  # one-byte values: zarr records no endianness
     }
 
 

@@ -91,6 +91,9 @@ def read_overview(slide, downsample: float) -> np.ndarray:
         r1 = min(out_h, r0 + rows_per_band)
         ya, yb = math.floor(r0 * factor), math.ceil(r1 * factor)
         band = slide.read_level(level, 0, ya, level_w, yb - ya)
+        if factor == 1:  # the level is the overview: PIL's resize would return a copy of it
+            out[r0:r1] = band[:, :out_w]
+            continue
         image = Image.fromarray(band)
         box = (0.0, r0 * factor - ya, out_w * factor, r1 * factor - ya)
         out[r0:r1] = np.asarray(image.resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))

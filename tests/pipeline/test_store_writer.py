@@ -280,3 +280,16 @@ def test_small_arrays_are_stored_byte_for_byte_as_zarr_stores_them(tmp_path, dat
 
     assert files(ours / "a") == files(theirs / "a")  # (zarr also adds a root group)
     np.testing.assert_array_equal(zarr.open_array(zarr.storage.LocalStore(ours), path="a", mode="r")[...], data)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_raw_regions_metadata_is_zarrs(tmp_path, n):
+    """Codec `none`: the writer writes the regions' zarr.json itself, byte for byte zarr's."""
+    from pipeline.schema.codecs import codec_settings, region_array_kwargs
+    from pipeline.store_writer import _zarr_json, raw_regions_metadata
+
+    zarr.create_array(
+        store=zarr.storage.LocalStore(tmp_path), name="r",
+        **region_array_kwargs(codec_settings("none"), n_regions=n, region_size=REGION),
+    )
+    assert _zarr_json(raw_regions_metadata(n, REGION)) == (tmp_path / "r" / "zarr.json").read_bytes()
