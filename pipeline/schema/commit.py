@@ -292,7 +292,7 @@ def fsync_file(handle: IO[Any]) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
-WRITEBACK_STEP = 4 << 20  # bytes between two `EarlyWriteback` requests
+WRITEBACK_STEP = 1 << 20  # bytes between two `EarlyWriteback` requests
 
 
 @functools.cache
