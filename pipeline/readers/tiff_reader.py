@@ -195,6 +195,7 @@ class TiffReader(SlideReader):
                     ) from None
                 if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[1] < min(level.tile_w, level.width):
                     raise DirectUnsupportedError(f"level {index} tile {tile} decodes to {pixels.shape}")
+                self._remember((index, 1, tile), pixels)  # e.g. a corner of the overview level: not decoded twice
 
     # ------------------------------------------------------------------ metadata
 
