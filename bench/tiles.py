@@ -16,6 +16,9 @@ the slide, one per process), regions per second of:
   pipeline/<r>    process_slide with reader r: open, segmentation, grid, extraction, writing
                   the store (codec none); "direct+dct" adds the inexact DCT-scaled decoding
 
+With --compare CHECKOUT, "pipeline, direct reader (<label>)" rows time that checkout's direct
+pipeline the same way, in its own worker processes (bench/checkout_pool.py), side by side;
+
 then the per-slide profile of the direct pipeline, and the driver's wall time with and without
 a Dask cluster. Every process runs each code path once before timing; each figure is the best
 of --repeats rounds (2), each round running every method once in turn. Figures on a shared machine are noisy: read the ratios, measured side by side.
@@ -253,11 +256,12 @@ def timed(pool: ProcessPoolExecutor | None, function, jobs: list[tuple]) -> floa
 
 def best_rates(pool, methods: dict[str, tuple], repeats: int = REPEATS) -> dict[str, float]:
     """Best of `repeats` rounds; each round runs every method once, in turn, so that a burst of
-    load on the shared machine hits every method alike rather than one."""
+    load on the shared machine hits every method alike rather than one. A method is
+    (function, jobs) or (function, jobs, runner): its own runner (a `CheckoutPool`) instead of `pool`."""
     best = dict.fromkeys(methods, 0.0)
     for _ in range(max(1, repeats)):
-        for name, (function, jobs) in methods.items():
-            best[name] = max(best[name], timed(pool, function, jobs))
+        for name, (function, jobs, *runner) in methods.items():
+            best[name] = max(best[name], timed(runner[0] if runner else pool, function, jobs))
     return best
 
 
@@ -307,7 +311,26 @@ def profile_slide(path: str, target: float, repeats: int = 3) -> dict[str, float
 
 # ---------------------------------------------------------------- main
 
-def run_config(pool, slide_path: Path, magnification: float, args, work: Path) -> list[tuple[str, float, float]]:
+def _compare_pools(checkout: Path, slide: str, work: Path) -> dict:
+    """{1: one worker, 2: two workers} tiling with `checkout`'s pipeline, each worker warmed
+    by one slide at 5× and one at 10× (its first-use costs are not timed)."""
+    from bench.checkout_pool import CheckoutPool
+
+    pools = {1: CheckoutPool(checkout, 1), 2: CheckoutPool(checkout, 2)}
+    row = ManifestRow(slide_id="w", path=slide)
+    for n, checkout_pool in pools.items():
+        for target in (2.0, 1.0):
+            stores = [_store(work / f"warm-c{n}-{k}-{target}.zarr", 0.0, target) for k in range(n)]
+            answers = [checkout_pool.submit(None, row, store, ProcessSettings(target_mpp=target, reader="direct"))
+                       for store in stores]
+            [answer.result() for answer in answers]
+    print(f"comparing with the pipeline of {checkout}")
+    return pools
+
+
+def run_config(pool, slide_path: Path, magnification: float, args, work: Path, compare=None) -> list[tuple[str, float, float]]:
+    """One slide at one magnification: the table of rates (see the module docstring).
+    compare: {1: CheckoutPool, 2: CheckoutPool} timing another checkout's direct pipeline too."""
     target = {5.0: 2.0, 10.0: 1.0, 20.0: 0.5}[magnification]
     reader = open_reader(slide_path)
     mpp0, _ = resolve_mpp(reader, None)
@@ -343,6 +366,10 @@ def run_config(pool, slide_path: Path, magnification: float, args, work: Path) -
             store = _store(work / f"{slide_path.stem}-{magnification:g}-{variant}-{procs}.zarr", magnification, target,
                            dct=settings.scaled_decode)
             methods[name] = (pipeline_worker, [(rows[k], store, settings) for k in copies])
+            if compare and settings.reader == "direct" and not settings.scaled_decode:
+                store = _store(work / f"{slide_path.stem}-{magnification:g}-c{variant}-{procs}.zarr", magnification, target)
+                methods[f"pipeline, direct reader ({args.compare_label})"] = (
+                    pipeline_worker, [(rows[k], store, settings) for k in copies], compare[procs])
         rates = best_rates(runner, methods, args.repeats)
         base, ceiling = rates["TRIDENT-style best level + area resize"], rates["decode ceiling (imagecodecs, needed tiles)"]
         print(f"  {procs} process{'es' if procs > 1 else ''}: {'method':44s} {'regions/s':>9s} {'× TRIDENT':>9s} {'% ceiling':>9s}")
@@ -359,6 +386,10 @@ def main() -> int:
     parser.add_argument("--clam-regions", type=int, default=24, help="regions the CLAM-style reader reads (evenly spread)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="rounds per figure (best of)")
     parser.add_argument("--quick", action="store_true", help="only slide A at 10× (a smoke run)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="a checkout (folder holding pipeline/) whose direct pipeline is timed side by side, "
+                             "e.g. `git archive HEAD~3 pipeline | tar -x -C /tmp/before`")
+    parser.add_argument("--compare-label", default="compare", help="its rows' label")
     args = parser.parse_args()
 
     slide_a = make_bench_slide(args.out / f"bench_a_{args.size}.tif", args.size, downsamples=(1, 4, 16))
@@ -369,11 +400,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pm-bench-", dir=args.out))
     started = time.perf_counter()
     try:
-        with ProcessPoolExecutor(2) as pool:
-            list(pool.map(_warm, [str(slide_a)] * 2))
-            _warm(str(slide_a))
-            for slide_path, magnification in configs:
-                run_config(pool, slide_path, magnification, args, work)
+        compare = _compare_pools(args.compare, str(slide_a), work) if args.compare else None
+        try:
+            with ProcessPoolExecutor(2) as pool:
+                list(pool.map(_warm, [str(slide_a)] * 2))
+                _warm(str(slide_a))
+                for slide_path, magnification in configs:
+                    run_config(pool, slide_path, magnification, args, work, compare)
+        finally:
+            for checkout_pool in (compare or {}).values():
+                checkout_pool.close()
 
         print("\nper-slide profile, direct reader, best of 3 (s):")
         for magnification, target in ((5.0, 2.0), (10.0, 1.0)):
@@ -382,7 +418,10 @@ def main() -> int:
                   + f"; total {sum(steps.values()):.3f}")
 
         manifest = work / "manifest.csv"
-        manifest.write_text("slide_id,path\n" + "".join(f"s{k},{slide_a}\n" for k in range(2)))
+        copies = [work / f"copy{k}_{slide_a.name}" for k in range(2)]  # a manifest lists a file once
+        for copy in copies:
+            shutil.copyfile(slide_a, copy)
+        manifest.write_text("slide_id,path\n" + "".join(f"s{k},{copy}\n" for k, copy in enumerate(copies)))
         print(f"\ndriver wall time, 2 copies of {slide_a.name} at 10× (build_store, incl. reconcile and table writes):")
         for workers in (0, 2):
             out = work / f"driver-{workers}.zarr"

@@ -189,6 +189,7 @@ def _process(row: ManifestRow, store_path: str, settings: ProcessSettings, start
             attrs=attrs,
             files={TISSUE_GEOJSON: json.dumps(tissue_geojson, separators=(",", ":")).encode()},
             build_id=settings.build_id,
+            background=True,  # iter_regions yields a new array per region
         )
     finally:
         slide.close()

@@ -16,7 +16,9 @@ import datetime as _dt
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from zarr.storage import LocalStore
 
 from pipeline.schema.checksums import ArrayHasher, array_checksum, array_keys, slide_checksum
 from pipeline.schema.codecs import region_array_kwargs, region_chunk_encoder, require_codec
-from pipeline.schema.commit import SlideTable, commit_group, fsync_file, node_metadata, temp_group_name, write_table
+from pipeline.schema.commit import (
+    EarlyWriteback, SlideTable, commit_group, fsync_file, node_metadata, temp_group_name, write_table,
+)
 from pipeline.schema.errors import NotATileStoreError, SlideWriteError, StoreMismatchError
 from pipeline.schema.format import (
     ARRAY_NAMES,
@@ -141,6 +145,7 @@ def write_slide(
     attrs: dict[str, Any],
     files: dict[str, bytes] | None = None,
     build_id: str | None = None,
+    background: bool = False,
 ) -> dict[str, Any]:
     """Write and commit one slide group; the slide is never held in memory.
 
@@ -152,6 +157,10 @@ def write_slide(
     files: extra files of the group by name (e.g. `tissue.geojson`), outside the checksums;
     build_id: commit only while the store's writer (`pipeline.locking`) has this build id,
         so a task left over from a killed build never commits into a newer build's store.
+    background: codec `none`: write and hash the regions in one background thread while the
+        stream produces the next ones (the file and its checksum are the same). Only for a
+        stream whose arrays are never modified once yielded (each region a new array, as
+        `pipeline.extract.iter_regions` yields them); at most `_MAX_PENDING` regions wait.
     Adds `slide_id`, `n_regions`, `checksums` and `checksum` to the attributes.
     Every file and folder of the group is fsynced before the commit rename.
     Returns `{"checksum": str, "checksums": {array: sha256 hex}}`.
@@ -174,21 +183,28 @@ def write_slide(
     temp = temp_group_name(slide_id)
     group_dir = root / SLIDES_GROUP / temp
     try:
-        store = LocalStore(root)
-        base = f"{SLIDES_GROUP}/{temp}"
-        zarr.create_group(store=store, path=base)
+        # The group, its small arrays and (codec none) the regions' metadata are written here, not
+        # through zarr (whose every call is a round trip to its event-loop thread plus existence
+        # checks): the same bytes zarr writes (tests/pipeline/test_store_writer.py compares them).
+        # The sharded layouts' metadata still comes from zarr.
+        group_dir.mkdir()
+        _write_bytes(group_dir / "zarr.json", _zarr_json(_group_metadata({})))
         for name, data in ((COORDS, coords), (ORIGIN, origin), (FOREGROUND, foreground)):
-            _write_small_array(store, f"{base}/{name}", data)
-        regions_array = zarr.create_array(
-            store=store, name=f"{base}/{REGIONS}",
-            **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
-        )
-        chunk_key = regions_array.metadata.encode_chunk_key((0, 0, 0, 0))
+            _write_small_array(group_dir / name, data)
+        chunk_key = "c/0/0/0/0"
+        if store_attrs.codec["name"] == "none":
+            (group_dir / REGIONS).mkdir()
+            _write_bytes(group_dir / REGIONS / "zarr.json", _zarr_json(raw_regions_metadata(n_regions, size)))
+        else:
+            zarr.create_array(
+                store=LocalStore(root), name=f"{SLIDES_GROUP}/{temp}/{REGIONS}",
+                **region_array_kwargs(store_attrs.codec, n_regions=n_regions, region_size=size),
+            )
         chunk_path = group_dir / REGIONS / chunk_key
         stream = _iter_regions(slide_id, regions, size)
         streamed = None
         if store_attrs.codec["name"] == "none":
-            streamed = _stream_raw(slide_id, chunk_path, chunk_key, stream, n_regions, size)
+            streamed = _stream_raw(slide_id, chunk_path, chunk_key, stream, n_regions, size, background=background)
         else:
             _stream_shard(slide_id, chunk_path, stream, n_regions, region_chunk_encoder(store_attrs.codec))
         checksums = {REGIONS: _local_array_checksum(group_dir / REGIONS, streamed=streamed)}
@@ -231,14 +247,57 @@ def _check_small_arrays(
     return checked[0], checked[1], checked[2]
 
 
-def _write_small_array(store: LocalStore, name: str, data: np.ndarray) -> None:
-    chunks = (max(data.shape[0], 1), *data.shape[1:])
-    array = zarr.create_array(
-        store=store, name=name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-        compressors=None, filters=None, fill_value=0,
-    )
-    if data.size:
-        array[...] = data
+def _write_small_array(array_dir: Path, data: np.ndarray) -> None:
+    """One of a group's small arrays (`coords`, `origin`, `foreground`), as zarr would store it:
+    one chunk spanning the array (at least one row long), bytes codec little endian, fill value
+    0; the chunk is absent when the array is empty or all fill value (zarr's write_empty_chunks
+    off, its default). Files are not synced here: `fsync_tree` syncs the group before commit."""
+    array_dir.mkdir()
+    _write_bytes(array_dir / "zarr.json", _zarr_json(small_array_metadata(data.shape, data.dtype)))
+    chunk = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+    # zarr compares the chunk with the fill value bit for bit (-0.0 is not 0 to it, nor NaN).
+    if data.size and (zarr.config.get("array.write_empty_chunks") or np.frombuffer(chunk, np.uint8).any()):
+        key = "c/" + "/".join("0" for _ in data.shape)
+        (array_dir / key).parent.mkdir(parents=True)
+        _write_bytes(array_dir / key, chunk)
+
+
+def small_array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The `zarr.json` zarr 3 writes for a small array (see `_write_small_array`), keys in its order."""
+    chunks = [max(shape[0], 1), *shape[1:]]
+    return {
+        "shape": list(shape),
+        "data_type": np.dtype(dtype).name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": np.dtype(dtype).type(0).item(),
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def raw_regions_metadata(n_regions: int, region_size: int) -> dict[str, Any]:
+    """The `zarr.json` zarr 3 writes for `regions` with codec `none` (`region_array_kwargs`):
+    uint8 `(n, R, R, 3)`, one chunk spanning it (at least one region long), bytes codec."""
+    shape = [n_regions, region_size, region_size, 3]
+    return {
+        **small_array_metadata(tuple(shape), np.dtype(np.uint8)),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(n_regions, 1), *shape[1:]]}},
+        "codecs": [{"name": "bytes"}],  # one-byte values: zarr records no endianness
+    }
+
+
+def _zarr_json(metadata: dict[str, Any]) -> bytes:
+    """Metadata serialised as zarr 3 writes it (2-space indent)."""
+    return json.dumps(metadata, indent=2).encode()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
 
 
 def _iter_regions(slide_id: str, regions: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -264,12 +323,13 @@ def _count_error(slide_id: str, got: str, expected: int) -> SlideWriteError:
 
 
 def _stream_raw(
-    slide_id: str, chunk_path: Path, chunk_key: str, stream: Iterator[np.ndarray], n: int, size: int
+    slide_id: str, chunk_path: Path, chunk_key: str, stream: Iterator[np.ndarray], n: int, size: int,
+    *, background: bool = False,
 ) -> ArrayHasher | None:
     """Codec `none`: the chunk file is the raw C-order `(n, R, R, 3)` array.
 
     Returns the chunk's checksum state (`chunk_key` and its bytes hashed as they were
-    written), or None when n is 0 (no chunk file).
+    written), or None when n is 0 (no chunk file). background: see `write_slide`.
     """
     if n == 0:
         for _ in stream:
@@ -280,21 +340,71 @@ def _stream_raw(
     hasher = ArrayHasher()
     hasher.begin(chunk_key, nbytes)
     count = 0
-    with open(chunk_path, "wb", buffering=_WRITE_BUFFER) as handle:
+    # Unbuffered: each region (~150 KB) goes to the kernel in one write, not copied through a buffer first.
+    with open(chunk_path, "wb", buffering=0) as handle, _ChunkSink(handle, hasher, background) as sink:
         for region in stream:
             if count == n:
                 raise _count_error(slide_id, f"more than {n}", n)
-            data = memoryview(region).cast("B")
-            handle.write(data)
-            hasher.update(data)
+            sink.put(memoryview(region).cast("B"))
             count += 1
         if count != n:
             raise _count_error(slide_id, str(count), n)
+        sink.finish()
         fsync_file(handle)
     hasher.end()
     if chunk_path.stat().st_size != nbytes:
         raise OSError(f"{chunk_path}: wrote {chunk_path.stat().st_size} bytes, expected {nbytes}")
     return hasher
+
+
+_MAX_PENDING = 32  # regions queued for the background writer (~4.8 MB at R = 224)
+
+
+class _ChunkSink:
+    """Appends byte blocks to an unbuffered file and hashes them, in order: in the calling
+    thread, or (background) in one worker thread, so that writing and sha256 (both release the
+    GIL) overlap with producing the next block. Errors surface in `put` or `finish`; leaving
+    the context waits for every queued write, so the file is never closed under the worker."""
+
+    def __init__(self, handle, hasher: ArrayHasher, background: bool):
+        self._handle, self._hasher = handle, hasher
+        self._writeback = EarlyWriteback(handle.fileno())
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-write") if background else None
+        self._pending: deque[Future] = deque()
+
+    def _write(self, data: memoryview) -> None:
+        _write_all(self._handle, data)
+        self._writeback.written(data.nbytes)
+        self._hasher.update(data)
+
+    def put(self, data: memoryview) -> None:
+        """Queue (or write) one block; blocks while `_MAX_PENDING` are queued."""
+        if self._pool is None:
+            self._write(data)
+            return
+        self._pending.append(self._pool.submit(self._write, data))
+        while len(self._pending) > _MAX_PENDING or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def finish(self) -> None:
+        """Wait for every queued block; raises the first write error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> "_ChunkSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        if exc[0] is None:
+            self.finish()
+
+
+def _write_all(handle, data: memoryview) -> None:
+    """Write all of `data` to an unbuffered file (a raw write may take only part of it)."""
+    while data:
+        data = data[handle.write(data):]
 
 
 def _stream_shard(slide_id: str, shard_path: Path, stream: Iterator[np.ndarray], n: int, encode) -> None:

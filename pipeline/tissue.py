@@ -91,6 +91,9 @@ def read_overview(slide, downsample: float) -> np.ndarray:
         r1 = min(out_h, r0 + rows_per_band)
         ya, yb = math.floor(r0 * factor), math.ceil(r1 * factor)
         band = slide.read_level(level, 0, ya, level_w, yb - ya)
+        if factor == 1:  # the level is the overview: PIL's resize would return a copy of it
+            out[r0:r1] = band[:, :out_w]
+            continue
         image = Image.fromarray(band)
         box = (0.0, r0 * factor - ya, out_w * factor, r1 * factor - ya)
         out[r0:r1] = np.asarray(image.resize((out_w, r1 - r0), Image.Resampling.BOX, box=box))
@@ -181,12 +184,38 @@ def tissue_mask(slide, mpp0: float, settings: TissueSettings) -> TissueMask:
     if radius >= 1:
         # Pad so that closing does not erode tissue touching the border.
         padded = np.pad(mask, radius, mode="edge")
-        mask = ndimage.binary_closing(padded, structure=morphology.disk(radius))[radius:-radius, radius:-radius]
+        mask = binary_closing_disk(padded, radius)[radius:-radius, radius:-radius]
     px_area = mask_mpp * mask_mpp
     min_object = round(settings.min_object_um2 / px_area)
     max_hole = round(settings.max_hole_um2 / px_area)
     mask = _fill_small_holes(_drop_small_components(mask, min_object), max_hole)
     return TissueMask(mask=mask, downsample=downsample, mpp=mask_mpp)
+
+
+def binary_closing_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`scipy.ndimage.binary_closing(mask, structure=skimage.morphology.disk(radius))`, the same
+    pixels, ~10× faster: (h, w) bool → (h, w) bool. The dilation ORs and the erosion ANDs the
+    mask shifted by each offset of the (symmetric) disk; outside the array counts as background
+    (scipy's border_value 0), so the erosion clears pixels whose disk leaves the array."""
+    offsets = np.argwhere(morphology.disk(radius)) - radius
+    dilated = np.zeros_like(mask)
+    for dy, dx in offsets:
+        dilated |= _shift(mask, dy, dx)
+    closed = np.ones_like(mask)
+    for dy, dx in offsets:
+        closed &= _shift(dilated, dy, dx)
+    return closed
+
+
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """out[y, x] = mask[y + dy, x + dx], False where that lies outside: (h, w) bool → (h, w) bool."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    if abs(dy) < h and abs(dx) < w:
+        out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = mask[
+            max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)
+        ]
+    return out
 
 
 def _fill_small_holes(mask: np.ndarray, max_pixels: int) -> np.ndarray:

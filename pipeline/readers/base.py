@@ -52,6 +52,20 @@ class SlideReader(ABC):
     def metadata(self) -> SlideMetadata:
         """The slide's resolution metadata (see `SlideMetadata`)."""
 
+    # True for a backend whose small reads cost little more than their pixels (decoded tiles
+    # cached, no per-call overhead to speak of): `pipeline.extract` then reads region by region.
+    small_reads: bool = False
+
+    def read_level_mean(self, level: int, x: int, y: int, width: int, height: int, factor: int) -> np.ndarray:
+        """The exact `factor`×`factor` mean (rounded half up) of `level`'s pixels: (height, width, 3)
+        uint8, pixel (i, j) averaging level px [(x + j)·k, (x + j + 1)·k) × [(y + i)·k, (y + i + 1)·k)
+        (white outside the level), i.e. `block_mean_uint8(read_level(level, x·k, y·k, width·k,
+        height·k), k)`, which is what this default does."""
+        from pipeline.area import mean_into
+
+        block = self.read_level(level, x * factor, y * factor, width * factor, height * factor)
+        return mean_into(block, factor, np.empty((height, width, 3), np.uint8))
+
     def reserve_cache(self, level: int) -> None:
         """Keep decoded tiles of two rows of tiles across `level`, so that a tile shared by two
         grid rows is decoded once (callers reading a level row by row call this first)."""

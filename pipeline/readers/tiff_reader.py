@@ -33,6 +33,7 @@ import tifffile
 from tifffile.tifffile import svs_description_metadata
 from PIL import Image
 
+from pipeline.area import mean_window_into
 from pipeline.readers.base import SlideMetadata, SlideReader
 from pipeline.readers.ome import ome_pixel_size_from_xml
 from pipeline.slide import UnreadableSlideError
@@ -87,6 +88,7 @@ class TiffReader(SlideReader):
     """
 
     name = "direct"
+    small_reads = True  # tiles are cached: `pipeline.extract` reads region by region
 
     def __init__(self, path: str | Path, *, threads: int = 1):
         self.path = Path(path)
@@ -193,6 +195,7 @@ class TiffReader(SlideReader):
                     ) from None
                 if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[1] < min(level.tile_w, level.width):
                     raise DirectUnsupportedError(f"level {index} tile {tile} decodes to {pixels.shape}")
+                self._remember((index, 1, tile), pixels)  # e.g. a corner of the overview level: not decoded twice
 
     # ------------------------------------------------------------------ metadata
 
@@ -244,10 +247,8 @@ class TiffReader(SlideReader):
         if lv.raw_strips:
             out[ya - y : yb - y, xa - x : xb - x] = self._raw_rows(lv, ya, yb)[:, xa:xb]
             return out
-        tiles = [(ty, tx) for ty in range(ya // tile_h, (yb - 1) // tile_h + 1)
-                 for tx in range(xa // tile_w, (xb - 1) // tile_w + 1)]
-        indices = [ty * lv.across + tx for ty, tx in tiles]
-        decoded = self._tiles(level, lv, indices, scale)
+        tiles = _tiles_under(xa, ya, xb, yb, tile_w, tile_h)
+        decoded = self._tiles(level, lv, [ty * lv.across + tx for ty, tx in tiles], scale)
         if inside and any(pixels is None for pixels in decoded):
             out.fill(255)
         for (ty, tx), pixels in zip(tiles, decoded):
@@ -260,6 +261,32 @@ class TiffReader(SlideReader):
             cy1 = min(ty0 + pixels.shape[0], yb, level_h)
             if cx0 < cx1 and cy0 < cy1:
                 out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = pixels[cy0 - ty0 : cy1 - ty0, cx0 - tx0 : cx1 - tx0]
+        return out
+
+    def read_level_mean(self, level: int, x: int, y: int, width: int, height: int, factor: int) -> np.ndarray:
+        """See `SlideReader.read_level_mean`. When the footprint lies inside the level and k divides
+        the tile sides, each tile is averaged straight from the tile cache into the result (no block
+        of level pixels is assembled); otherwise through `read_level`, as the default does."""
+        lv, k = self._levels[level], int(factor)
+        xa, ya, xb, yb = x * k, y * k, (x + width) * k, (y + height) * k
+        if (k == 1 or lv.raw_strips or lv.tile_w % k or lv.tile_h % k or width <= 0 or height <= 0
+                or xa < 0 or ya < 0 or xb > lv.width or yb > lv.height):
+            return super().read_level_mean(level, x, y, width, height, factor)
+        out = np.empty((int(height), int(width), 3), np.uint8)
+        tiles = _tiles_under(xa, ya, xb, yb, lv.tile_w, lv.tile_h)
+        decoded = self._tiles(level, lv, [ty * lv.across + tx for ty, tx in tiles], 1)
+        for (ty, tx), pixels in zip(tiles, decoded):
+            tx0, ty0 = tx * lv.tile_w, ty * lv.tile_h
+            # Tile sides and the footprint's corners are multiples of k: each piece is whole k×k cells.
+            cx0, cy0 = max(tx0, xa), max(ty0, ya)
+            cx1, cy1 = min(tx0 + lv.tile_w, xb), min(ty0 + lv.tile_h, yb)
+            oy, ox, h, w = (cy0 - ya) // k, (cx0 - xa) // k, (cy1 - cy0) // k, (cx1 - cx0) // k
+            if pixels is None:
+                out[oy : oy + h, ox : ox + w] = 255  # a missing tile is white, and so is its mean
+            elif pixels.shape[0] < cy1 - ty0 or pixels.shape[1] < cx1 - tx0 or not pixels.flags.c_contiguous:
+                return super().read_level_mean(level, x, y, width, height, factor)
+            else:
+                mean_window_into(pixels, cy0 - ty0, cx0 - tx0, k, out, oy, ox, h, w)
         return out
 
     def _tiles(self, level: int, lv: _Level, indices: list[int], scale: int) -> list[np.ndarray | None]:
@@ -323,6 +350,12 @@ class TiffReader(SlideReader):
             self._fd = None
         self._tiff.close()
         self._cache.clear()
+
+
+def _tiles_under(xa: int, ya: int, xb: int, yb: int, tile_w: int, tile_h: int) -> list[tuple[int, int]]:
+    """(row, col) of the tiles (tile_w × tile_h px) that [xa, xb) × [ya, yb) touches, row-major."""
+    return [(ty, tx) for ty in range(ya // tile_h, (yb - 1) // tile_h + 1)
+            for tx in range(xa // tile_w, (xb - 1) // tile_w + 1)]
 
 
 def _generic_levels(tiff: tifffile.TiffFile) -> list[tifffile.TiffPage]:

@@ -9,9 +9,12 @@ leave between those steps. Everything here works on local paths only (writers);
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,6 +289,45 @@ def fsync_file(handle: IO[Any]) -> None:
     """Flush a file opened for writing and fsync it."""
     handle.flush()
     os.fsync(handle.fileno())
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+WRITEBACK_STEP = 1 << 20  # bytes between two `EarlyWriteback` requests
+
+
+@functools.cache
+def _sync_file_range():
+    """libc's `sync_file_range` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+class EarlyWriteback:
+    """Starts the disk writes of a file being streamed while it is streamed, so that its final
+    `fsync_file` has little left to wait for (a 20 MB region chunk: ~30 ms of fsync otherwise).
+
+    `written(n)` after each write; every `WRITEBACK_STEP` bytes it asks the kernel to start
+    writing the bytes since the last request (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`:
+    asynchronous, it promises nothing). Durability is unchanged: the fsync before the commit
+    is still what makes the file durable. Does nothing where the call does not exist.
+    """
+
+    def __init__(self, fd: int):
+        self._fd, self._call = fd, _sync_file_range()
+        self._started = self._written = 0
+
+    def written(self, nbytes: int) -> None:
+        self._written += nbytes
+        if self._call is not None and self._written - self._started >= WRITEBACK_STEP:
+            self._call(self._fd, self._started, self._written - self._started, _SYNC_FILE_RANGE_WRITE)
+            self._started = self._written
 
 
 def fsync_dir(path: str | Path) -> None:

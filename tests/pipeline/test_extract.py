@@ -143,3 +143,22 @@ def test_block_mean_is_exact_rounded_half_up_for_every_factor(factor):
     cut = pixels[1:, 2:]  # a strided view, as extraction passes it
     expected = np.floor(cut[: factor * 9, : factor * 7].reshape(9, factor, 7, factor, 3).astype(np.float64).mean(axis=(1, 3)) + 0.5)
     np.testing.assert_array_equal(block_mean_uint8(cut, factor), expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4, 5, 8, 16, 17])
+def test_area_mean_kernel_fallback_and_windows_agree(factor, monkeypatch):
+    """pipeline.area: the numba kernel and the numpy fallback give the same means, into and out
+    of windows of larger arrays (the layout the reader hands it) or copies of other layouts."""
+    from pipeline import area
+
+    rng = np.random.default_rng(factor)
+    big = rng.integers(0, 256, (7 * factor + 9, 9 * factor + 11, 3), dtype=np.uint8)
+    source = big[3 : 3 + 6 * factor + 1, 5 : 5 + 8 * factor + 2]  # a window, with leftover rows/columns
+    expected = numpy_block_mean(source, factor)[:6, :8]
+    canvas = np.zeros((10, 12, 3), np.uint8)
+    area.mean_into(source, factor, canvas[2:8, 1:9])
+    np.testing.assert_array_equal(canvas[2:8, 1:9], expected)
+    assert not canvas[:2].any() and not canvas[8:].any() and not canvas[:, :1].any() and not canvas[:, 9:].any()
+    np.testing.assert_array_equal(area.mean_into(np.asfortranarray(source), factor, np.empty((6, 8, 3), np.uint8)), expected)
+    monkeypatch.setattr(area, "_kernel", lambda: None)
+    np.testing.assert_array_equal(area.mean_into(source, factor, np.empty((6, 8, 3), np.uint8)), expected)

@@ -278,3 +278,54 @@ def test_decoder_threads_give_the_same_pixels(jpeg_slide):
         np.testing.assert_array_equal(one.read_level(0, -5, 3, 690, 510), two.read_level(0, -5, 3, 690, 510))
         assert two._pool is not None  # the block spanned several tiles: decoded in the pool
     assert two._pool is None  # closed with the reader
+
+
+# ---------------------------------------------------------------- k×k means straight from the tiles
+
+@pytest.mark.parametrize("backend", ["direct", "openslide"])
+@pytest.mark.parametrize("factor", [2, 3, 4, 8])
+def test_read_level_mean_is_the_block_mean_of_the_window(raw_slide, backend, factor):
+    """Inside the level on whole tiles (averaged tile by tile by the direct reader), across its
+    odd right/bottom edges, past them, and with k not dividing the tile (the fallback)."""
+    path, image = raw_slide
+    k = factor
+    with open_reader(path, backend) as reader:
+        for level in range(len(LEVELS)):
+            truth = image if LEVELS[level] == 1 else block_mean(image, LEVELS[level])
+            lh, lw = truth.shape[:2]
+            windows = [(0, 0, lw // k, lh // k), (3, 5, 40, 30), (lw // k - 7, lh // k - 6, 9, 8), (-2, -1, 6, 5),
+                       (lw // k + 2, 0, 4, 4), (128 // k + 1, 1, 64 // k + 3, 256 // k + 2)]
+            for x, y, w, h in windows:
+                expected = block_mean(expected_window(truth, x * k, y * k, w * k, h * k), k)
+                np.testing.assert_array_equal(reader.read_level_mean(level, x, y, w, h, k), expected, err_msg=str((level, x, y, w, h)))
+
+
+def test_read_level_mean_treats_a_missing_tile_as_white(jpeg_slide):
+    path, _ = jpeg_slide
+    with open_reader(path, "direct") as reader:
+        reader._levels[0].counts[1] = 0  # tile (0, 1): a 0-byte (missing) tile, white in OpenSlide
+        expected = block_mean(reader.read_level(0, 200, 8, 160, 96), 2)
+        got = reader.read_level_mean(0, 100, 4, 80, 48, 2)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[:, 28:] == 255).all() and not (got[:, :28] == 255).all()
+
+
+@pytest.mark.parametrize("target_mpp, level, factor", [(2.0, 2, 1.0), (2.0, 0, 4.0), (1.0, 0, 2.0), (1.3, 0, 2.6), (1.3, 1, 1.3)])
+def test_region_by_region_reads_give_the_block_reads_pixels(jpeg_slide, target_mpp, level, factor):
+    """The direct reader's per-region reads (`small_reads`: tile pieces copied or averaged straight
+    into each region) give exactly the regions of whole-block reads, for the exact, integer-mean and
+    BOX resize paths, near the level's edges included."""
+    from shapely.geometry import box
+
+    from pipeline.extract import iter_regions
+    from pipeline.grid import region_grid
+
+    path, _ = jpeg_slide
+    with open_reader(path, "direct") as reader:
+        grid = region_grid(W, H, 0.5, target_mpp, 32, box(0, 0, W, H), 0.5)
+        per_region = list(iter_regions(reader, grid, level, 32, resize_factor=factor))
+        reader.small_reads = False  # whole blocks, as any other backend reads
+        blocks = list(iter_regions(reader, grid, level, 32, resize_factor=factor, block_px=300))
+    assert len(per_region) == len(grid) >= 20
+    for a, b in zip(per_region, blocks, strict=True):
+        np.testing.assert_array_equal(a, b)

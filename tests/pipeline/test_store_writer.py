@@ -245,3 +245,51 @@ def test_extra_group_files_are_written_and_checked(tmp_path):
     with pytest.raises(SlideWriteError, match="cannot be an extra file"):
         write_slide(store, "b", regions=iter(smooth_regions(n)), n_regions=n, coords=coords, origin=coords,
                     foreground=np.ones(n), attrs={"source_path": "x", "fingerprint": "f"}, files={"regions": b""})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.arange(14, dtype=np.int32).reshape(7, 2),
+        np.arange(14, dtype=np.int64).reshape(7, 2) * 10**10,
+        np.linspace(0.5, 1.0, 7, dtype=np.float32),
+        np.zeros((3, 2), np.int32),  # all fill value: zarr writes no chunk
+        np.zeros((0, 2), np.int64),  # empty slide
+        np.array([-0.0, 0.0], np.float32),
+        np.array([np.nan, 0.25], np.float32),
+    ],
+    ids=["int32", "int64", "float32", "zeros", "empty", "negative-zero", "nan"],
+)
+def test_small_arrays_are_stored_byte_for_byte_as_zarr_stores_them(tmp_path, data):
+    """The writer stores coords/origin/foreground itself (no zarr calls): same files, same bytes."""
+    from pipeline.store_writer import _write_small_array
+
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    _write_small_array(ours / "a", data)
+    theirs = tmp_path / "theirs"
+    array = zarr.create_array(
+        store=zarr.storage.LocalStore(theirs), name="a", shape=data.shape, dtype=data.dtype,
+        chunks=(max(data.shape[0], 1), *data.shape[1:]), compressors=None, filters=None, fill_value=0,
+    )
+    if data.size:
+        array[...] = data
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert files(ours / "a") == files(theirs / "a")  # (zarr also adds a root group)
+    np.testing.assert_array_equal(zarr.open_array(zarr.storage.LocalStore(ours), path="a", mode="r")[...], data)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_raw_regions_metadata_is_zarrs(tmp_path, n):
+    """Codec `none`: the writer writes the regions' zarr.json itself, byte for byte zarr's."""
+    from pipeline.schema.codecs import codec_settings, region_array_kwargs
+    from pipeline.store_writer import _zarr_json, raw_regions_metadata
+
+    zarr.create_array(
+        store=zarr.storage.LocalStore(tmp_path), name="r",
+        **region_array_kwargs(codec_settings("none"), n_regions=n, region_size=REGION),
+    )
+    assert _zarr_json(raw_regions_metadata(n, REGION)) == (tmp_path / "r" / "zarr.json").read_bytes()

@@ -151,3 +151,21 @@ def test_a_slide_smaller_than_the_largest_hole_keeps_its_background(tmp_path, re
     tissue = segment_tissue(open_slide(path), MPP, TissueSettings(min_object_um2=0.0))
     assert tissue.area < 0.6 * 64 * 64
     assert tissue.is_empty == (not rects)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 4, 6, 10])
+def test_disk_closing_is_scipys(radius):
+    """The shift-based closing gives scipy's pixels, borders and masks smaller than the disk included."""
+    from scipy import ndimage
+    from skimage import morphology
+
+    from pipeline.tissue import binary_closing_disk
+
+    rng = np.random.default_rng(radius)
+    for trial in range(40):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        mask = rng.random((h, w)) < rng.uniform(0.05, 0.9)
+        if trial % 3 == 0:  # blobs and gaps rather than noise
+            mask = ndimage.binary_dilation(rng.random((h, w)) < 0.02, iterations=3)
+        expected = ndimage.binary_closing(mask, structure=morphology.disk(radius))
+        np.testing.assert_array_equal(binary_closing_disk(mask, radius), expected)
