@@ -97,6 +97,22 @@ def _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _chunk_terms(u_ptr, delta_ptr, B_ptr, seq_ptr, t, row, b, n, n_ok, A, bias, L, d_state,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The recurrence's terms at tokens t (BLOCK_T,) of row (b, d), natural order: the token mask ok,
+    offsets off into (batch, d_inner, L), u and dt (float32, 0 past L), the B/C tile offsets and mask,
+    B's tile and the decays a = exp(dt·A) (BLOCK_T, BLOCK_N), 0 where a packed sequence starts."""
+    ok = t < L
+    off = row * L + t
+    u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    _, dt = _load_delta(delta_ptr, off, ok, bias, HAS_BIAS, SOFTPLUS)
+    dt = tl.where(ok, dt, 0.0)
+    bc_off, bc_ok, Bt = _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L)
+    a = _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ)
+    return ok, off, u, dt, bc_off, bc_ok, Bt, a
+
+
+@triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, last_ptr, states_ptr,
@@ -110,14 +126,9 @@ def scan_fwd_kernel(
     h = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c in range(n_chunks):
         t = c * BLOCK_T + rows
-        ok = t < L
-        off = row * L + t
-        u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        _, dt = _load_delta(delta_ptr, off, ok, bias, HAS_BIAS, SOFTPLUS)
-        dt = tl.where(ok, dt, 0.0)
-        bc_off, bc_ok, Bt = _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L)
+        ok, off, u, dt, bc_off, bc_ok, Bt, a = _chunk_terms(
+            u_ptr, delta_ptr, B_ptr, seq_ptr, t, row, b, n, n_ok, A, bias, L, d_state, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         Ct = tl.load(C_ptr + bc_off, mask=bc_ok, other=0.0).to(tl.float32)
-        a = _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ)
         x = (dt * u)[:, None] * Bt
         a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
         hs = a_cum * h[None, :] + x_cum
@@ -160,13 +171,8 @@ def scan_bwd_kernel(
         c = n_chunks - 1 - i
         # --- the chunk's states, natural token order
         t = c * BLOCK_T + rows
-        ok = t < L
-        off = row * L + t
-        u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        _, dt = _load_delta(delta_ptr, off, ok, bias, HAS_BIAS, SOFTPLUS)
-        dt = tl.where(ok, dt, 0.0)
-        _, _, Bt = _load_B_tile(B_ptr, t, ok, b, n, n_ok, d_state, L)
-        a = _decay(dt, A, seq_ptr, b, t, ok, L, HAS_SEQ)
+        _, _, u, dt, _, _, Bt, a = _chunk_terms(
+            u_ptr, delta_ptr, B_ptr, seq_ptr, t, row, b, n, n_ok, A, bias, L, d_state, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         a_cum, x_cum = tl.associative_scan((a, (dt * u)[:, None] * Bt), 0, _compose)
         h_in = tl.load(states_ptr + (row * n_chunks + c) * d_state + n, mask=n_ok, other=0.0)
         hs = tl.flip(a_cum * h_in[None, :] + x_cum, 0)  # reverse token order from here on
