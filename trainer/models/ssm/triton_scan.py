@@ -47,7 +47,7 @@ INTERPRETED = AVAILABLE and type(triton_kernels.scan_fwd_kernel).__name__ == "In
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_CHUNK = 64
 """Tokens per chunk on a GPU: a (64, d_state) tile per program, 8 warps (untimed; compiled for sm_90 at
-d_state 16 the kernels take 75–78 (forward) and 128–177 (backward) registers without spills; at 128
+d_state 16 the kernels take 76–78 (forward) and 128–177 (backward) registers without spills; at 128
 tokens backward reaches the 255-register cap)."""
 INTERPRETER_CHUNK = 16
 """Tokens per chunk under the interpreter, which runs a scan one element at a time in Python."""
